@@ -15,6 +15,7 @@ goes back to the pool.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 import re
@@ -43,6 +44,13 @@ _CURSOR_NAME = "pipeline_cursor"
 _DECLARE_PREFIX = f"DECLARE {_CURSOR_NAME} NO SCROLL CURSOR FOR "
 _CURSOR_KEYWORDS = {"SELECT", "WITH", "VALUES", "TABLE"}
 _CLIENT_CURSOR_KEYWORDS = {"SHOW", "EXPLAIN"}
+# PostgreSQL commands that are not reads: refused by name. Anything else is probably a typo.
+_OTHER_COMMANDS = set(
+    "INSERT UPDATE DELETE MERGE TRUNCATE COPY CREATE ALTER DROP GRANT REVOKE SET RESET BEGIN START COMMIT "
+    "ROLLBACK END ABORT SAVEPOINT RELEASE PREPARE EXECUTE DEALLOCATE LOCK VACUUM ANALYZE ANALYSE CLUSTER "
+    "REINDEX REFRESH CALL DO LISTEN NOTIFY UNLISTEN DISCARD LOAD SECURITY COMMENT IMPORT DECLARE FETCH MOVE "
+    "CLOSE CHECKPOINT REASSIGN".split()
+)
 
 # libpq connect failures that retrying cannot fix (RELIABILITY.md 1.1); anything
 # else (refused, timeout, starting up, too many clients, unknown text) is retried.
@@ -165,8 +173,16 @@ def check_read_only_query(query: str) -> str:
             "Several statements could switch the transaction to read-write.",
         )
     keyword = first_keyword(statements[0])
-    if keyword not in _CURSOR_KEYWORDS | _CLIENT_CURSOR_KEYWORDS:
-        shown = keyword or statements[0][:20]
+    allowed = _CURSOR_KEYWORDS | _CLIENT_CURSOR_KEYWORDS
+    if keyword not in allowed and keyword not in _OTHER_COMMANDS:
+        guess = difflib.get_close_matches(keyword, sorted(allowed), n=1)
+        raise ReadOnlyViolation(
+            f"Refused: the query starts with {keyword or statements[0][:20]!r}, which is not a read statement"
+            + (f" (did you mean {guess[0]}?)." if guess else "."),
+            hint="Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN.",
+        )
+    if keyword not in allowed:
+        shown = keyword
         raise ReadOnlyViolation(
             f"Refused: {shown} statements are not allowed; this pipeline only reads data.",
             hint="Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN. "
@@ -461,6 +477,11 @@ class Database:
                 if params is None:
                     lines.extend(_caret(statement, offset))
         hint = f"Hint: {diag.message_hint}" if diag.message_hint else None
+        if sqlstate == "42601" and position and re.match(r"(?i)table\b", statement[position - 1 :]):
+            hint = (
+                'Fix: "table" in the examples stands for your table\'s name, e.g. SELECT * FROM customers LIMIT 10.\n'
+                "     List the tables: SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
         if isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
             return ReadOnlyViolation(
                 "Refused: the query tried to write, and this pipeline runs queries read-only "

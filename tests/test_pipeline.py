@@ -1,0 +1,381 @@
+"""End to end: the script run as a user runs it, against the test database and loopback model servers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import db_to_model_pipeline as pipeline
+from conftest import REPO_ROOT
+from model_servers import FakeOllamaServer, FakeOpenAIServer, FakePCServer, free_port
+
+SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
+ANSWER = "분석 결과: 서울 고객이 가장 많습니다. Seoul has the most customers."
+
+
+@pytest.fixture
+def run(test_db_url, tmp_path):
+    """Run the CLI in a subprocess with a clean environment pointed at the test database."""
+
+    def runner(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 60):
+        base = {k: v for k, v in os.environ.items() if k not in pipeline_settings_names()}
+        base.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"),
+                     "API_CONNECT_TIMEOUT": "1", "PYTHONIOENCODING": "utf-8"})
+        base.update(env or {})
+        return subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, env=base, input=stdin,
+                              capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+    return runner
+
+
+def pipeline_settings_names() -> set[str]:
+    import config
+
+    return {var.name for var in config.VARIABLES} | {"ENV_FILE"}
+
+
+def posts(server) -> list:
+    return [r for r in server.requests if r.method == "POST"]
+
+
+# --- the plan's commands, and each protocol ---------------------------------------------
+
+
+def test_plan_command_select_1(run):
+    with FakePCServer(answer=ANSWER) as srv:
+        result = run("--query", "SELECT 1 as test", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ANSWER + "\n"
+    assert "rows 1/1" in result.stderr and "tok/s" in result.stderr
+    sent = posts(srv)[0].json
+    assert "| test |" in sent["prompt"] and "| 1 |" in sent["prompt"]
+    assert "system_prompt" not in sent  # the pc server rejects null: the key is left out
+
+
+def test_plan_command_with_korean_template(run):
+    with FakePCServer(answer=ANSWER) as srv:
+        result = run("--query", "SELECT name, city FROM customers ORDER BY id LIMIT 3",
+                     "--template", "다음 데이터를 분석해주세요: {data}", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    prompt = posts(srv)[0].json["prompt"]
+    assert prompt.startswith("다음 데이터를 분석해주세요:\n| name | city |")  # a table starts on its own line
+    assert "| 김민준 | 서울 |" in prompt
+    assert result.stdout.strip() == ANSWER
+
+
+def test_plan_command_with_table_placeholder_explains_itself(run):
+    result = run("--query", "SELECT * FROM table LIMIT 10", "--dry-run")
+    assert result.returncode == 4
+    assert '"table" in the examples stands for your table' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("server_factory", "stream_flag"),
+    [
+        (lambda: FakePCServer(answer=ANSWER), "--no-stream"),
+        (lambda: FakePCServer(answer=ANSWER), "--stream"),
+        (lambda: FakeOllamaServer(answer=ANSWER), "--no-stream"),
+        (lambda: FakeOllamaServer(answer=ANSWER), "--stream"),
+        (lambda: FakeOpenAIServer(answer=ANSWER, owned_by="llamacpp"), "--no-stream"),
+        (lambda: FakeOpenAIServer(answer=ANSWER, owned_by="llamacpp"), "--stream"),
+        (lambda: FakeOpenAIServer(answer=ANSWER, owned_by="vllm"), "--stream"),
+    ],
+    ids=["pc", "pc-stream", "ollama", "ollama-stream", "llamacpp", "llamacpp-stream", "vllm-stream"],
+)
+def test_each_protocol_end_to_end(run, server_factory, stream_flag):
+    with server_factory() as srv:
+        result = run("--query", "SELECT name, city FROM customers ORDER BY id", stream_flag,
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ANSWER + "\n"
+    assert f"{srv.protocol}:" in result.stderr and "rows 12/12" in result.stderr
+    assert len(posts(srv)) == 1
+
+
+def test_json_output_parses_back(run):
+    with FakeOllamaServer(answer=ANSWER) as srv:
+        result = run("--query", "SELECT * FROM reviews ORDER BY id", "--json", "--prompt-rows", "5",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is True and doc["answer"] == ANSWER and doc["complete"] is True
+    assert (doc["rows_shown"], doc["rows_total"], doc["truncated"]) == (5, 20, True)
+    assert doc["protocol"] == "ollama" and doc["model"].startswith("phi4")
+    assert doc["prompt_chars"] > 0 and doc["stats"]["generated_tokens"] > 0
+    assert doc["stats"]["generation_time"] is not None
+    assert "(showing 5 of 20 rows)" in posts(srv)[0].json["messages"][-1]["content"]
+
+
+def test_output_file_holds_the_answer_or_the_json(run, tmp_path):
+    with FakePCServer(answer=ANSWER) as srv:
+        plain = run("--query", "SELECT 1 AS x", "--output", "answer.txt", env={"API_BASE_URL": srv.base_url})
+        as_json = run("--query", "SELECT 1 AS x", "--json", "--output", "answer.json",
+                      env={"API_BASE_URL": srv.base_url})
+    assert plain.returncode == 0 and as_json.returncode == 0
+    assert (tmp_path / "answer.txt").read_text(encoding="utf-8") == ANSWER
+    assert json.loads((tmp_path / "answer.json").read_text(encoding="utf-8"))["answer"] == ANSWER
+    assert not list(tmp_path.glob(".answer*"))  # no temporary files left behind
+
+
+# --- dry run, zero rows, inputs --------------------------------------------------------
+
+
+def test_dry_run_needs_no_model_server(run):
+    result = run("--query", "SELECT name FROM customers ORDER BY id", "--dry-run",
+                 "--system-prompt", "You are a data analyst.", env={"PC_IP": "192.168.0.XXX"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("You are a data analyst.\n\n")
+    assert "| 김민준 |" in result.stdout and "| 한시우 |" in result.stdout
+    assert "12 of 12 rows" in result.stderr and "nothing was sent" in result.stderr
+
+
+def test_dry_run_json_carries_the_prompt(run):
+    result = run("--query", "SELECT id FROM orders", "--dry-run", "--json", "--prompt-rows", "3")
+    doc = json.loads(result.stdout)
+    assert doc["answer"] is None and doc["rows_shown"] == 3 and doc["rows_total"] == 120
+    assert "(showing 3 of 120 rows)" in doc["prompt"]
+
+
+def test_zero_rows_sends_nothing_and_exits_0(run):
+    with FakePCServer() as srv:
+        result = run("--query", "SELECT * FROM customers WHERE city = 'Atlantis'", env={"API_BASE_URL": srv.base_url})
+        as_json = run("--query", "SELECT * FROM customers WHERE false", "--json", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0
+    assert "returned no rows: nothing was sent to the model" in result.stderr
+    assert result.stdout == ""
+    assert posts(srv) == []
+    doc = json.loads(as_json.stdout)
+    assert doc["answer"] is None and doc["rows_total"] == 0
+
+
+def test_query_from_stdin_and_from_a_file(run, tmp_path):
+    (tmp_path / "q.sql").write_text("-- 서울 고객\nSELECT name FROM customers WHERE city = '서울' ORDER BY id;\n",
+                                    encoding="utf-8")
+    from_stdin = run("--dry-run", stdin="SELECT name FROM customers WHERE city = '부산'")
+    from_file = run("--dry-run", "--query-file", "q.sql")
+    assert from_stdin.returncode == 0 and "| 이서연 |" in from_stdin.stdout
+    assert from_file.returncode == 0 and "| 김민준 |" in from_file.stdout and "| 이서연 |" not in from_file.stdout
+
+
+@pytest.mark.parametrize(
+    "value", ["x'; DROP TABLE customers; --", "%(city)s", "서울' OR '1'='1", "$$; DELETE FROM orders; $$"]
+)
+def test_hostile_parameters_are_bound(run, value, admin_conn):
+    result = run("--query", "SELECT name FROM customers WHERE city = %(city)s", "--param", f"city={value}",
+                 "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "no rows" in result.stderr
+    with admin_conn.cursor() as cur:
+        cur.execute("SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM orders)")
+        assert cur.fetchone() == (12, 120)
+
+
+def test_korean_parameter_selects_rows(run):
+    result = run("--query", "SELECT name FROM customers WHERE city = %(city)s ORDER BY id", "--param", "city=서울",
+                 "--dry-run")
+    assert [line for line in result.stdout.splitlines() if line.startswith("| ") and "name" not in line] == [
+        "| 김민준 |", "| 최수아 |", "| 장서윤 |", "| 한시우 |"]
+
+
+def test_korean_end_to_end_with_files(run, tmp_path):
+    (tmp_path / "t.txt").write_text("리뷰 {row_count}건을 요약하세요.\n{data}\n참고: {context}", encoding="utf-8")
+    (tmp_path / "sys.txt").write_text("당신은 한국어 데이터 분석가입니다.", encoding="utf-8")
+    with FakeOllamaServer(answer="요약: 배송 불만이 많습니다 😀") as srv:
+        result = run("--query", "SELECT title, body FROM reviews WHERE language = 'ko' ORDER BY id",
+                     "--template-file", "t.txt", "--system-prompt-file", "sys.txt", "--context", "2024년 데이터",
+                     "--stream", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "요약: 배송 불만이 많습니다 😀\n"
+    messages = posts(srv)[0].json["messages"]
+    assert messages[0] == {"role": "system", "content": "당신은 한국어 데이터 분석가입니다."}
+    assert messages[1]["content"].startswith("리뷰 16건을 요약하세요.")
+    assert "노이즈 캔슬링이 정말 좋아요" in messages[1]["content"] and "참고: 2024년 데이터" in messages[1]["content"]
+
+
+# --- the doctor ---------------------------------------------------------------------
+
+
+def test_check_passes_with_database_and_server(run):
+    with FakeOllamaServer() as srv:
+        result = run("--check", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("[ OK ] settings")
+    assert any(line.startswith("[ OK ] database: connected") and "PostgreSQL 15" in line for line in lines)
+    assert "[ OK ] protocol: ollama (detected)" in lines
+    assert any(line.startswith("[ OK ] model: phi4") for line in lines)
+    assert posts(srv) == []  # checking never starts a generation
+
+
+def test_check_fails_and_says_how_to_fix(run):
+    result = run("--check", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}",
+                                 "DATABASE_URL": f"postgresql://x@127.0.0.1:{free_port()}/db",
+                                 "DB_CONNECT_RETRIES": "0"})
+    assert result.returncode == 3
+    assert "[FAIL] database: Cannot connect to PostgreSQL" in result.stdout
+    assert "docker compose ps" in result.stdout
+    assert "[FAIL] model server" in result.stdout and "firewall" in result.stdout
+
+
+def test_check_reports_model_not_pulled(run):
+    with FakeOllamaServer(models=["llama3.2:latest"]) as srv:
+        result = run("--check", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 6
+    assert "[FAIL] model" in result.stdout and "ollama pull phi4" in result.stdout
+
+
+def test_check_with_bad_settings(run):
+    result = run("--check", env={"API_PORT": "abc"})
+    assert result.returncode == 2
+    assert "API_PORT must be an integer from 1 to 65535, got 'abc'" in result.stdout
+
+
+# --- exit codes and messages ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "message"),
+    [
+        (["--query", "SELECT 1", "--temperature", "hot"], {}, 2, "TEMPERATURE must be a number"),
+        (["--query", "SELECT 1"], {"PC_IP": "192.168.0.XXX"}, 2, "PC_IP is not configured yet"),
+        (["--query", "SELECT 1", "--template", "{dta}"], {"PC_IP": "127.0.0.1"}, 2, "dta"),
+        (["--query", "SELECT 1", "--param", "oops"], {"PC_IP": "127.0.0.1"}, 2, "is not NAME=VALUE"),
+        (["--query", "SELECT 1", "--no-such-flag"], {}, 2, "unrecognized arguments"),
+        (["--query-file", "missing.sql"], {"PC_IP": "127.0.0.1"}, 2, "missing.sql does not exist"),
+        (["--query", "SELECT 1", "--env-file", "nope.env"], {}, 2, "nope.env does not exist"),
+        (["--query", "SELECT 1"], {"DATABASE_URL": "postgresql://x@127.0.0.1:1/db", "DB_CONNECT_RETRIES": "0",
+                                   "PC_IP": "127.0.0.1"}, 3, "Cannot connect to PostgreSQL"),
+        (["--query", "SELEC 1"], {"PC_IP": "127.0.0.1"}, 4, "did you mean SELECT?"),
+        (["--query", "SELECT 1 FROM"], {"PC_IP": "127.0.0.1"}, 4, "syntax error at end of input"),
+        (["--query", "DELETE FROM orders"], {}, 4, "DELETE statements are not allowed"),
+        (["--query", "SELECT 1; DROP TABLE orders"], {}, 4, "only one is allowed"),
+        (["--query", "SELECT nope FROM customers"], {"PC_IP": "127.0.0.1"}, 4, 'column "nope" does not exist'),
+    ],
+)
+def test_exit_codes_for_bad_input(run, args, env, code, message):
+    result = run(*args, env=env)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_exit_5_when_server_is_down_and_6_on_server_errors(run):
+    down = run("--query", "SELECT 1", "--protocol", "pc", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    assert down.returncode == 5 and "[CONNECTION_ERROR]" in down.stderr and "firewall" in down.stderr
+    with FakePCServer(delay=3) as srv:
+        slow = run("--query", "SELECT 1", "--timeout", "1", env={"API_BASE_URL": srv.base_url})
+    assert slow.returncode == 5 and "[TIMEOUT_ERROR]" in slow.stderr and "API_TIMEOUT" in slow.stderr
+    with FakePCServer(html_error=502, fail_first=100) as srv:
+        html = run("--query", "SELECT 1", "--protocol", "pc", env={"API_BASE_URL": srv.base_url,
+                                                                   "API_MAX_ATTEMPTS": "1"})
+    assert html.returncode == 6 and "502" in html.stderr and "Traceback" not in html.stderr
+    with FakePCServer(model_loaded=False, load_fails=True) as srv:
+        not_loaded = run("--query", "SELECT 1", env={"API_BASE_URL": srv.base_url})
+    assert not_loaded.returncode == 6 and "[MODEL_NOT_LOADED]" in not_loaded.stderr
+
+
+def test_verbose_shows_the_traceback(run):
+    result = run("--query", "SELECT 1", "--verbose", "--protocol", "pc",
+                 env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}", "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 5 and "Traceback" in result.stderr
+
+
+def test_internal_error_exits_1_with_a_bug_message(test_db_url, monkeypatch):
+    class BrokenStdout(io.StringIO):
+        def write(self, text: str) -> int:
+            raise RuntimeError("disk on fire")
+
+    monkeypatch.setenv("DATABASE_URL", test_db_url)
+    monkeypatch.setenv("LOG_FILE", "")
+    err = io.StringIO()
+    code = pipeline.main(["--query", "SELECT 1", "--dry-run"], stdin=io.StringIO(), stdout=BrokenStdout(),
+                         stderr=err)
+    assert code == 1
+    assert "Internal error: RuntimeError: disk on fire" in err.getvalue() and "This is a bug" in err.getvalue()
+
+
+# --- logging and secrets -----------------------------------------------------------------
+
+
+def test_log_file_records_the_run_without_secrets(run, tmp_path, test_db_url):
+    secret_url = test_db_url.replace("postgres@", "postgres:Db-Sentinel-Pw@")
+    with FakeOpenAIServer(answer=ANSWER, owned_by="vllm") as srv:
+        result = run("--query", "SELECT name FROM customers LIMIT 2", "-v", "--no-stream",
+                     env={"API_BASE_URL": srv.base_url, "API_KEY": "sk-Key-Sentinel", "DATABASE_URL": secret_url})
+    assert result.returncode == 0, result.stderr
+    assert srv.requests[-1].headers.get("Authorization") == "Bearer sk-Key-Sentinel"
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    for needle in ("Connected to PostgreSQL", "SQL: SELECT name FROM customers LIMIT 2", "Prompt built",
+                   "/v1/chat/completions", "Done:"):
+        assert needle in log
+    for text in (log, result.stderr, result.stdout):
+        assert "Db-Sentinel-Pw" not in text and "sk-Key-Sentinel" not in text
+
+
+def test_log_file_default_level_has_no_sql(run, tmp_path):
+    result = run("--query", "SELECT 42 AS answer", "--dry-run")
+    assert result.returncode == 0
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert "Query returned 1 row(s)" in log and "SQL:" not in log
+    assert " - db_connector - INFO - " in log  # the guide's format
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------
+
+
+def _start(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+
+
+def _env(test_db_url: str, tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in pipeline_settings_names()}
+    env.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), **extra})
+    return env
+
+
+def test_ctrl_c_while_streaming_keeps_the_partial_answer(test_db_url, tmp_path):
+    answer = "하나 둘 셋 넷 다섯 여섯 일곱 여덟 아홉 열 " * 3
+    with FakeOllamaServer(answer=answer, piece_delay=0.3) as srv:
+        proc = _start(["--query", "SELECT 1 AS x", "--stream", "--output", "out.txt"],
+                      _env(test_db_url, tmp_path, API_BASE_URL=srv.base_url), tmp_path)
+        first = proc.stdout.read(2)  # the first streamed characters
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+        elapsed = time.perf_counter() - sent
+        saw_disconnect = srv.wait_for_disconnect(timeout=5)
+    assert proc.returncode == 130, err
+    assert elapsed < 2
+    shown = first + rest
+    assert shown.startswith("하나") and len(shown.strip()) < len(answer.strip())
+    assert "Interrupted. The partial answer above was kept." in err and "Traceback" not in err
+    assert (tmp_path / "out.txt.partial").read_text(encoding="utf-8").startswith("하나")
+    assert not (tmp_path / "out.txt").exists()
+    assert saw_disconnect  # the server saw the client go away
+
+
+def test_ctrl_c_while_waiting_for_a_slow_answer(test_db_url, tmp_path):
+    with FakePCServer(delay=30) as srv:
+        proc = _start(["--query", "SELECT 1 AS x", "--no-stream"],
+                      _env(test_db_url, tmp_path, API_BASE_URL=srv.base_url), tmp_path)
+        deadline = time.time() + 10
+        while not posts(srv) and time.time() < deadline:
+            time.sleep(0.05)
+        assert posts(srv), "the request never reached the server"
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert time.perf_counter() - sent < 2
+    assert "Interrupted." in err and "Traceback" not in err and out == ""
