@@ -245,7 +245,10 @@ class _RetryingPool(psycopg2.pool.ThreadedConnectionPool):
 
     def __init__(self, size: int, opener: Callable[[], ext.connection]) -> None:
         self._opener = opener
-        super().__init__(size, size)
+        # Open connections on demand (a one-query CLI run needs one), yet keep every
+        # returned one: putconn keeps a connection only while fewer than minconn are idle.
+        super().__init__(0, size)
+        self.minconn = size
 
     def _connect(self, key: Any = None) -> ext.connection:  # noqa: D401 - psycopg2 hook
         conn = self._opener()

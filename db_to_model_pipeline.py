@@ -10,6 +10,7 @@ to stderr. See ``--help`` for every option and the exit codes.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import logging.handlers
@@ -118,11 +119,9 @@ def run_pipeline(
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     started = time.perf_counter()
 
-    database = Database(settings)
-    try:
-        rows = database.execute_query(query, params, max_rows=fetch_rows)
-    finally:
-        database.close()  # give the connection back before waiting minutes for the model
+    database, client = _resources(settings)
+    # The connection goes back to the pool (idle, no open transaction) before the model is asked.
+    rows = database.execute_query(query, params, max_rows=fetch_rows)
     db_seconds = time.perf_counter() - started
     db_data = {
         "query": query,
@@ -154,31 +153,62 @@ def run_pipeline(
         stats["prompt"] = prompt.text
         return None, stats, db_data
 
-    import model_api_client  # imported here: --dry-run and DB-only runs never need it
-
-    with model_api_client.ModelAPIClient(settings) as client:
-        if progress:
-            progress(f"Sending {prompt.rows_shown:,} rows ({prompt.char_count:,} chars) to {client.base_url} ...")
-        if stream:
-            pieces: list[str] = []
-            model_stats: dict[str, Any] = {}
-            try:
-                for item in client.stream(prompt.text, system_prompt, max_new_tokens, temperature):
-                    if isinstance(item, dict):
-                        model_stats = item
-                    else:
-                        pieces.append(item)
-                        if on_text:
-                            on_text(item)
-            except BaseException as exc:
-                exc.partial_text = "".join(pieces)  # type: ignore[attr-defined]
-                raise
-            response = "".join(pieces)
-        else:
-            response, model_stats = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
+    client = client or _model_client(settings)
+    if progress:
+        progress(f"Sending {prompt.rows_shown:,} rows ({prompt.char_count:,} chars) to {client.base_url} ...")
+    if stream:
+        pieces: list[str] = []
+        model_stats: dict[str, Any] = {}
+        try:
+            for item in client.stream(prompt.text, system_prompt, max_new_tokens, temperature):
+                if isinstance(item, dict):
+                    model_stats = item
+                else:
+                    pieces.append(item)
+                    if on_text:
+                        on_text(item)
+        except BaseException as exc:
+            exc.partial_text = "".join(pieces)  # type: ignore[attr-defined]
+            raise
+        response = "".join(pieces)
+    else:
+        response, model_stats = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
     stats.update(model_stats)
     stats["total_time"] = round(time.perf_counter() - started, 4)
     return response, stats, db_data
+
+
+# One database pool and one model client per settings, reused by every run_pipeline call
+# in the process: a script looping over thousands of queries connects once and keeps
+# its HTTP keep-alive session and detected protocol.
+_shared: dict[str, Any] = {}
+
+
+def _resources(settings: Settings) -> tuple[Database, Any]:
+    if _shared.get("settings") != settings:
+        close_resources()
+        _shared.update(settings=settings, database=Database(settings), client=None)
+    return _shared["database"], _shared["client"]
+
+
+def _model_client(settings: Settings) -> Any:
+    import model_api_client  # imported on first use: --dry-run never needs requests
+
+    if _shared.get("client") is None:
+        _shared["client"] = model_api_client.ModelAPIClient(settings)
+    return _shared["client"]
+
+
+def close_resources() -> None:
+    """Close the pooled database connections and the HTTP session run_pipeline keeps."""
+    if _shared.get("database") is not None:
+        _shared["database"].close()
+    if _shared.get("client") is not None:
+        _shared["client"].close()
+    _shared.clear()
+
+
+atexit.register(close_resources)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -656,6 +686,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
                      "This is a bug. Run again with --verbose and report the output.\n")
         return ExitCode.INTERNAL
     finally:
+        close_resources()
         logging.shutdown()
 
 

@@ -465,3 +465,31 @@ def test_sample_data_has_the_documented_shape(db):
 )
 def test_split_statements(sql, count):
     assert len(split_statements(sql)) == count
+
+
+def test_pool_opens_connections_on_demand_and_keeps_them(test_db_url, admin_conn):
+    database = Database(make_settings(test_db_url, DB_POOL_SIZE=3))
+
+    def backends() -> int:
+        with admin_conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'db_to_model_pipeline' "
+                        "AND datname = current_database()")
+            return cur.fetchone()[0]
+
+    try:
+        database.execute_query("SELECT 1")
+        assert backends() == 1  # a single query opens a single connection
+        held = [database.acquire() for _ in range(3)]
+        for conn in held:
+            database.release(conn)
+        assert backends() == 3  # all three returned connections stay pooled
+        pids = {database.execute_query("SELECT pg_backend_pid() AS p")[0]["p"] for _ in range(5)}
+        assert len(pids) == 1 and backends() == 3  # reused, not reopened
+        with pytest.raises(DBConnectionError, match="All 3 pooled database connections are in use"):
+            held = [database.acquire() for _ in range(3)]
+            database.settings = make_settings(test_db_url, DB_POOL_SIZE=3, DB_CONNECT_TIMEOUT=1)
+            database.acquire()
+    finally:
+        for conn in held:
+            database.release(conn)
+        database.close()
