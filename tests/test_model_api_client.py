@@ -374,9 +374,10 @@ def test_malformed_json_is_a_bad_response_with_excerpt(factory):
     assert '{"response": "분석"' in str(info.value)  # excerpt, decoded as UTF-8
 
 
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
 @pytest.mark.parametrize("factory", [FakeOllamaServer, FakeOpenAIServer], ids=["ollama", "openai"])
-def test_stream_cut_midway_keeps_the_partial_text(factory):
-    with factory(cut_after=3) as srv:
+def test_stream_cut_midway_keeps_the_partial_text(factory, close_delimited):
+    with factory(cut_after=3, close_delimited=close_delimited) as srv:
         client = make_client(srv.base_url)
         pieces, stats, error = drain(client.stream("질문"))
     assert isinstance(error, BadResponseError)
@@ -433,7 +434,7 @@ def test_stream_read_timeout_applies_between_pieces_not_to_the_whole_answer():
 
 def test_close_delimited_stream_pieces_arrive_promptly_and_intact():
     answer = "첫째 둘째 셋째"
-    with FakeOpenAIServer(answer=answer, piece_delay=0.4, close_delimited=True) as srv:
+    with FakeOpenAIServer(answer=answer, piece_delay=0.4, close_delimited=True, byte_chunks=True) as srv:
         stream = make_client(srv.base_url).stream("질문")
         started = time.monotonic()
         first = next(stream)
@@ -450,8 +451,9 @@ def test_stream_request_answered_with_plain_json_still_yields_the_answer():
     assert stats["generated_tokens"] == len(split_pieces(DEFAULT_ANSWER))
 
 
-def test_stream_silence_longer_than_the_read_timeout_is_a_timeout_with_partial_text():
-    with FakeOllamaServer(answer="first second third", piece_delay=3) as srv:
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+def test_stream_silence_longer_than_the_read_timeout_is_a_timeout_with_partial_text(close_delimited):
+    with FakeOllamaServer(answer="first second third", piece_delay=3, close_delimited=close_delimited) as srv:
         client = make_client(srv.base_url, API_TIMEOUT=0.5)
         (pieces, _, error), elapsed = timed(drain, client.stream("질문"))
     assert isinstance(error, ModelTimeoutError)
