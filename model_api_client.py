@@ -630,8 +630,9 @@ class ModelAPIClient:
             return self._protocol
         protocol, kind = self._probe_protocol(attempts)
         logger.info("Detected the %s protocol at %s (%s)", protocol, self.base_url, kind)
-        with _detected_lock:
-            _detected[self.base_url] = (protocol, kind)
+        if not kind.endswith("(busy)"):  # a guess from a timeout is kept by this client only
+            with _detected_lock:
+                _detected[self.base_url] = (protocol, kind)
         self._protocol, self.server_kind = protocol, kind
         return protocol
 
@@ -1056,7 +1057,10 @@ class ModelAPIClient:
 
     def _stream_error(self, detail: str, parts: list[str]) -> ModelAPIError:
         partial = "".join(parts)
-        error = ModelServerError(f"The server reported an error mid-stream: {_shorten(detail, DETAIL_CHARS)}")
+        error = ModelServerError(
+            f"The server reported an error mid-stream: {_shorten(detail, DETAIL_CHARS)}",
+            hint="The partial answer was kept. Check the PC server's console (out of memory?); try again.",
+        )
         error.detail = detail  # type: ignore[attr-defined]
         return _with_partial(error, partial)
 

@@ -627,8 +627,8 @@ def test_check_server_health_false_quickly_when_down(monkeypatch):
 
 
 def test_check_server_health_false_when_not_configured(monkeypatch, caplog):
-    monkeypatch.delenv("PC_IP", raising=False)
-    monkeypatch.delenv("API_BASE_URL", raising=False)
+    for name in ("PC_IP", "API_BASE_URL", "ENV_FILE"):
+        monkeypatch.delenv(name, raising=False)
     assert model_api_client.check_server_health() is False
     assert "PC_IP" in caplog.text
 
