@@ -543,7 +543,7 @@ class FakePCServer(FakeServer):
             "input_tokens": input_tokens,
             "generated_tokens": generated,
             "total_tokens": input_tokens + generated,
-            "tokens_per_second": generated / self.generation_time,
+            "tokens_per_second": generated / self.generation_time if self.generation_time > 0 else 0.0,
         }})
 
 
