@@ -815,16 +815,33 @@ def build_prompt(
 
     # Format row by row and stop at the first row that does not fit: the work
     # is proportional to the rows shown, not to the rows fetched.
+    # A piece never costs more tokens than its UTF-8 bytes (see estimate_tokens), so
+    # while that bound fits, rows are costed by their byte length; the exact estimate
+    # is computed only once the budget comes near (then for every row kept).
     row_parts: list[str] = []
     costs: list[tuple[int, int]] = []
     used_chars = len(head)
     used_tokens = estimate_tokens(head)
+    exact = False
+
+    def make_exact() -> None:
+        nonlocal exact, used_tokens
+        exact = True
+        for k, piece in enumerate(row_parts):
+            costs[k] = (costs[k][0], estimate_tokens(piece))
+        used_tokens = estimate_tokens(head) + sum(cost[1] for cost in costs)
+
     if layout is not None:
         for i in range(limit):
             piece = layout.row(rows[i], i)
             if i or head:
                 piece = layout.joiner + piece
-            cost = (len(piece), estimate_tokens(piece))
+            if not exact:
+                cost = (len(piece), len(piece.encode("utf-8", "surrogatepass")))
+                if over_budget(used_chars + cost[0], used_tokens + cost[1]):
+                    make_exact()
+            if exact:
+                cost = (len(piece), estimate_tokens(piece))
             if over_budget(used_chars + cost[0], used_tokens + cost[1]):
                 break
             row_parts.append(piece)
@@ -839,6 +856,9 @@ def build_prompt(
         note_cost = (len(note) + 2, estimate_tokens(note) + 2) if note else (0, 0)
         if not over_budget(used_chars + note_cost[0], used_tokens + note_cost[1]):
             break
+        if not exact:
+            make_exact()
+            continue
         shown -= 1
         used_chars -= costs[shown][0]
         used_tokens -= costs[shown][1]

@@ -1024,3 +1024,11 @@ braces_text = st.text(alphabet=st.sampled_from(list('{}"a1 _:\n[]가|')), max_si
 def test_property_braces_that_are_not_placeholders_stay_as_written(literal):
     result = pb.build_prompt(ROWS, literal + "\n{data}", max_tokens=BIG)
     assert result.text == literal + "\n" + TABLE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(), max_size=300) | st.text(alphabet="ab cdXYZ0123 \t\n|{}가나다😀é", max_size=300))
+def test_token_estimate_never_exceeds_utf8_bytes(text):
+    # build_prompt costs rows by their byte length until the budget comes near;
+    # that is only safe while no text is estimated above its UTF-8 size.
+    assert pb.estimate_tokens(text) <= len(text.encode("utf-8", "surrogatepass"))
