@@ -527,7 +527,7 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
             failures.append(ExitCode.QUERY)
         if info["superuser"]:
             line(None, "database role", f"{info['user']} is a superuser: read-only is only a safety net",
-                 "Tip: connect as a SELECT-only role (README: 'A SELECT-only database role').")
+                 "Tip: connect as a SELECT-only role (README: 'Read-only by design, and a SELECT-only role').")
     finally:
         database.close()
 
