@@ -22,7 +22,6 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from datetime import date, datetime
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import psycopg2

@@ -23,7 +23,7 @@ import time
 import traceback
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import config
 import prompt_builder

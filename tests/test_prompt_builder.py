@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import re
 import uuid
 from collections.abc import Sequence
@@ -379,21 +378,6 @@ def test_shortened_json_values_stay_valid_json():
     assert json.loads(pb.format_value({"k": 1}, fmt="json", max_cell_chars=10)) == {"k": 1}
 
 
-@pytest.fixture
-def pg_conn_raw():
-    conn = psycopg2.connect(os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    # As db_connector does: keep PostgreSQL's own text for dates Python cannot hold.
-    base = psycopg2.extensions.PYDATE
-    raw_dates = psycopg2.extensions.new_type(
-        base.values, "TEST_RAW_DATE", lambda v, cur: v if v is None or "infinity" in v or v.endswith(" BC") else base(v, cur)
-    )
-    psycopg2.extensions.register_type(raw_dates, conn)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 PG_SELECT = r"""
 SELECT NULL::text AS null_text, ''::text AS empty_text, 'NULL'::text AS null_word,
        1.10::numeric AS num, 'NaN'::numeric AS num_nan, 1e-7::numeric(20,10) AS num_small,
@@ -448,10 +432,9 @@ PG_EXPECTED = [
 ]
 
 
-def test_values_fetched_from_postgresql_render_faithfully(pg_conn_raw):
-    with pg_conn_raw.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute(PG_SELECT)
-        row = cur.fetchone()
+def test_values_fetched_from_postgresql_render_faithfully(db):
+    # Fetched through db_connector from the throwaway test database, as the pipeline fetches them.
+    row = db.execute_query(PG_SELECT)[0]
     assert [c for c, *_ in PG_EXPECTED] == list(row.keys())
     for column, markdown, as_json, as_csv in PG_EXPECTED:
         if markdown is None:
@@ -1032,3 +1015,14 @@ def test_token_estimate_never_exceeds_utf8_bytes(text):
     # build_prompt costs rows by their byte length until the budget comes near;
     # that is only safe while no text is estimated above its UTF-8 size.
     assert pb.estimate_tokens(text) <= len(text.encode("utf-8", "surrogatepass"))
+
+
+def test_sample_reviews_from_the_test_database_make_a_faithful_prompt(db):
+    rows = db.execute_query("SELECT id, title, body FROM reviews ORDER BY id")
+    result = pb.build_prompt({"query": "reviews", "results": rows, "row_count": len(rows)})
+    assert (result.rows_shown, result.rows_total, result.truncated) == (20, 20, False)
+    table = [line for line in result.text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 20  # header, separator, one line per row: no cell broke the table
+    assert "| 20 | 용량 충분 | 여행 갈 때 폰 세 번 충전했어요.\\n배송도 빨랐습니다. |" in result.text
+    assert '| 7 | "" | 가격 대비 괜찮아요. |' in result.text  # empty title, not NULL
+    assert "| 5 | NULL | Good keyboard." in result.text  # NULL title
