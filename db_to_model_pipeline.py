@@ -57,7 +57,8 @@ class ExitCode(IntEnum):
     QUERY = 4  # including a refused write
     MODEL_UNREACHABLE = 5  # connection failed or timed out
     MODEL_ERROR = 6  # the server's own error or a bad response
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
@@ -72,9 +73,15 @@ def exit_code_for(error: BaseException) -> ExitCode:
         return ExitCode.MODEL_UNREACHABLE
     if isinstance(error, ModelAPIError):
         return ExitCode.MODEL_ERROR
+    if isinstance(error, Terminated):
+        return ExitCode.TERMINATED
     if isinstance(error, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     return ExitCode.INTERNAL
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (partial results kept) but exiting 143."""
 
 
 class UsageError(ConfigError):
@@ -155,7 +162,8 @@ def run_pipeline(
 
     client = client or _model_client(settings)
     if progress:
-        progress(f"Sending {prompt.rows_shown:,} rows ({prompt.char_count:,} chars) to {client.base_url} ...")
+        rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
+        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.base_url} ...")
     if stream:
         pieces: list[str] = []
         model_stats: dict[str, Any] = {}
@@ -229,7 +237,7 @@ parameters: --param city=서울 binds %%(city)s in the SQL (values are never pas
 exit codes:
   0 success            3 database connection error    6 model server error or bad response
   1 internal error     4 query error or refused write 130 interrupted (Ctrl-C)
-  2 usage/config error 5 model server unreachable or timed out
+  2 usage/config error 5 model server unreachable or timed out   143 terminated (SIGTERM)
 """
 
 
@@ -279,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--temperature", metavar="T", help="TEMPERATURE (0 to 2; the pc server needs > 0)")
     stream = m.add_mutually_exclusive_group()
     stream.add_argument("--stream", dest="stream", action="store_true", default=None,
-                        help="print the answer as it is generated (default when stdout is a terminal)")
+                        help="print the answer as it is generated (default when stdout is a terminal); "
+                        "with --json, receive it in pieces so an interrupted run keeps the partial answer")
     stream.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
 
     o = parser.add_argument_group("output and modes")
@@ -571,8 +580,8 @@ def _print_error(error: BaseException, stderr: TextIO, verbose: bool) -> None:
     stderr.write(f"Error [{label}]: {error}\n")
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
@@ -586,7 +595,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         return int(exc.code or 0)
 
     if threading_is_main():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     verbose, quiet = args.verbose, args.quiet
 
     def progress(message: str) -> None:
@@ -617,13 +626,16 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         if not args.dry_run:
             settings.api_base_url()  # an unconfigured PC_IP fails before the query runs
 
+        # With --json the pieces are collected, not printed: stdout carries one JSON object,
+        # and an interrupted --json --stream run still reports what had arrived.
         stream = args.stream if args.stream is not None else (stdout.isatty() and not args.json)
-        stream = stream and not args.json
+        echo = stream and not args.json
 
         def on_text(piece: str) -> None:
             answer_parts.append(piece)
-            stdout.write(piece)
-            stdout.flush()
+            if echo:
+                stdout.write(piece)
+                stdout.flush()
 
         if not args.dry_run:
             progress(f"Querying {settings.db_display()} ...")
@@ -655,7 +667,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         assert answer is not None
         if args.json:
             _emit(json.dumps(_json_document(answer, stats, db_data), ensure_ascii=False, indent=2), args, stdout)
-        elif stream:
+        elif echo:
             if not answer.endswith("\n"):
                 stdout.write("\n")
             if args.output:
@@ -668,9 +680,10 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     except KeyboardInterrupt as exc:
         partial = getattr(exc, "partial_text", "") or "".join(answer_parts)
         _keep_partial(partial, args, stdout, stats, db_data, None)
-        stderr.write("\nInterrupted." + (" The partial answer above was kept.\n" if partial else "\n"))
-        logger.warning("Interrupted by the user", extra={"file_only": True})
-        return ExitCode.INTERRUPTED
+        what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+        stderr.write(f"\n{what}." + (" The partial answer above was kept.\n" if partial else "\n"))
+        logger.warning("%s by a signal", what, extra={"file_only": True})
+        return exit_code_for(exc)
     except PipelineError as exc:
         partial = getattr(exc, "partial_text", "") or "".join(answer_parts)
         if partial or args.json:

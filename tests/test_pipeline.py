@@ -379,3 +379,18 @@ def test_ctrl_c_while_waiting_for_a_slow_answer(test_db_url, tmp_path):
     assert proc.returncode == 130
     assert time.perf_counter() - sent < 2
     assert "Interrupted." in err and "Traceback" not in err and out == ""
+
+
+def test_sigterm_keeps_the_partial_answer_and_exits_143(test_db_url, tmp_path):
+    with FakeOpenAIServer(answer="one two three four five six seven eight nine ten", piece_delay=0.3) as srv:
+        proc = _start(["--query", "SELECT 1 AS x", "--stream", "--json"],
+                      _env(test_db_url, tmp_path, API_BASE_URL=srv.base_url), tmp_path)
+        deadline = time.time() + 10
+        while srv.pieces_sent < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143, err
+    doc = json.loads(out)
+    assert doc["complete"] is False and doc["answer"].startswith("one two")
+    assert "Terminated." in err and "Traceback" not in err
