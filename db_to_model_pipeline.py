@@ -226,12 +226,14 @@ examples:
   %(prog)s --query "SELECT 1 as test"
   %(prog)s --query "SELECT * FROM reviews LIMIT 10"
   %(prog)s --query "SELECT * FROM reviews" --template "다음 데이터를 분석해주세요: {data}"
-  %(prog)s --query-file report.sql --param city=서울 --format csv --output answer.txt
+  %(prog)s --query-file examples/low_rated_reviews.sql --param max_rating=2 --output answer.txt
+  %(prog)s --query "SELECT * FROM customers WHERE city = %%(city)s" --param city=서울 --format csv
   echo "SELECT * FROM product_review_summary" | %(prog)s --json > result.json
   %(prog)s --query "SELECT * FROM orders" --dry-run          # show the prompt, send nothing
   %(prog)s --check                                           # doctor: settings, database, model server
 
-template placeholders: {data} {context} {row_count} {columns} {query}   ({{ and }} for literal braces)
+template placeholders: {data} {context} {row_count} {columns} {query}
+  other braces (JSON examples) stay as written; {{data}} writes a literal {data}
 parameters: --param city=서울 binds %%(city)s in the SQL (values are never pasted into the SQL)
 
 exit codes:
@@ -243,10 +245,10 @@ exit codes:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="db_to_model_pipeline.py",
-        description="Run a read-only SQL query, turn the rows into a prompt, send it to the LLM server "
-        "on the PC (FastAPI pc server, Ollama or OpenAI-compatible) and print the answer. "
-        "The answer goes to stdout; progress and statistics go to stderr.",
+        prog="python db_to_model_pipeline.py",
+        description="Run a read-only SQL query, turn the rows into a prompt, send it to the LLM server\n"
+        "on the PC (this project's FastAPI server, Ollama or OpenAI-compatible) and print the answer.\n"
+        "The answer goes to stdout; progress and statistics go to stderr. Settings: .env (see README).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

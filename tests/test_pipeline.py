@@ -394,3 +394,20 @@ def test_sigterm_keeps_the_partial_answer_and_exits_143(test_db_url, tmp_path):
     doc = json.loads(out)
     assert doc["complete"] is False and doc["answer"].startswith("one two")
     assert "Terminated." in err and "Traceback" not in err
+
+
+def test_every_exit_code_is_documented_in_help_and_readme(capsys):
+    assert pipeline.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for code in pipeline.ExitCode:
+        assert f"{code.value} " in help_text.split("exit codes:")[1], f"exit code {code.value} missing from --help"
+        assert f"| {code.value} |" in readme, f"exit code {code.value} missing from the README table"
+
+
+def test_every_flag_is_documented_in_the_readme():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for action in pipeline.build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}" in readme, f"{flag} is not in the README's option table"
