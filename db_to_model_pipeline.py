@@ -522,6 +522,9 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
         line(False, "model server", "not checked (settings are invalid)")
         return ExitCode.USAGE
     line(True, "settings", f"loaded from {settings.env_file or 'environment and defaults (no .env file)'}")
+    exposed = _readable_secrets_file(settings)
+    if exposed:
+        line(None, "settings", exposed, f"Fix: chmod 600 {settings.env_file}")
 
     database = Database(settings)
     try:
@@ -570,6 +573,20 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
                     line(False, "model", report.detail, report.fix)
                     failures.append(ExitCode.MODEL_ERROR)
     return failures[0] if failures else ExitCode.OK
+
+
+def _readable_secrets_file(settings: Settings) -> str | None:
+    """Say so when the .env file holding a password or key is readable by other users."""
+    if not settings.env_file or os.name != "posix":
+        return None
+    held = [name for name in sorted(config.SECRET_NAMES) if settings.source_of(name) == settings.env_file]
+    try:
+        mode = os.stat(settings.env_file).st_mode & 0o777
+    except OSError:
+        return None
+    if held and mode & 0o077:
+        return f"{settings.env_file} holds {', '.join(held)} but other users can read it (mode {mode:o})"
+    return None
 
 
 # --- main -----------------------------------------------------------------------------

@@ -411,3 +411,18 @@ def test_every_flag_is_documented_in_the_readme():
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}" in readme, f"{flag} is not in the README's option table"
+
+
+def test_check_warns_when_env_file_with_a_password_is_world_readable(run, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_PASSWORD=secret-in-file\n", encoding="utf-8")
+    env_file.chmod(0o644)
+    with FakePCServer() as srv:
+        loose = run("--check", env={"API_BASE_URL": srv.base_url})
+        env_file.chmod(0o600)
+        tight = run("--check", env={"API_BASE_URL": srv.base_url})
+    assert loose.returncode == 0  # a warning, not a failure
+    assert "[WARN] settings: .env holds DB_PASSWORD but other users can read it (mode 644)" in loose.stdout
+    assert "chmod 600 .env" in loose.stdout
+    assert "[WARN] settings" not in tight.stdout
+    assert "secret-in-file" not in loose.stdout + loose.stderr
