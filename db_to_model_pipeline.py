@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from enum import IntEnum
@@ -125,49 +126,45 @@ def run_pipeline(
     settings = settings or config.get_settings()
     max_new_tokens = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
     started = time.perf_counter()
+    # Filled as the run goes; attached to any exception on the way out, so that a caller
+    # (the CLI's --json) still reports the rows, the stats and the partial answer.
+    db_data: dict[str, Any] = {"query": query, "results": [], "row_count": 0}
+    stats: dict[str, Any] = {}
+    pieces: list[str] = []
+    try:
+        # The connection goes back to the pool (idle, no open transaction) before the model is asked.
+        rows = _database(settings).execute_query(query, params, max_rows=fetch_rows)
+        db_data.update(results=list(rows), row_count=len(rows), columns=rows.columns, more_rows=rows.has_more)
+        stats.update(rows_fetched=len(rows), more_rows=rows.has_more,
+                     db_time=round(time.perf_counter() - started, 4))
+        if not rows:
+            stats.update(rows_shown=0, rows_total=0, truncated=False)
+            logger.info("Query returned no rows; nothing sent to the model")
+            return None, stats, db_data
 
-    database, client = _resources(settings)
-    # The connection goes back to the pool (idle, no open transaction) before the model is asked.
-    rows = database.execute_query(query, params, max_rows=fetch_rows)
-    db_seconds = time.perf_counter() - started
-    db_data = {
-        "query": query,
-        "results": list(rows),
-        "row_count": len(rows),
-        "columns": rows.columns,
-        "more_rows": rows.has_more,
-    }
-    stats: dict[str, Any] = {"rows_fetched": len(rows), "more_rows": rows.has_more, "db_time": round(db_seconds, 4)}
-    if not rows:
-        stats.update(rows_shown=0, rows_total=0, truncated=False)
-        logger.info("Query returned no rows; nothing sent to the model")
-        return None, stats, db_data
+        prompt = prompt_builder.build_prompt(
+            db_data, template, additional_context,
+            data_format=data_format, max_tokens=prompt_tokens, max_chars=prompt_chars, max_rows=prompt_rows,
+            max_cell_chars=max_cell_chars, context_tokens=settings.model_context_tokens,
+            max_new_tokens=max_new_tokens, system_prompt=system_prompt,
+        )
+        stats.update(
+            rows_shown=prompt.rows_shown, rows_total=prompt.rows_total, truncated=prompt.truncated,
+            prompt_chars=prompt.char_count, prompt_tokens_estimate=prompt.estimated_tokens,
+            prompt_warnings=list(prompt.warnings),
+        )
+        logger.info("Prompt built: %d of %d rows, %d chars, ~%d tokens%s", prompt.rows_shown, prompt.rows_total,
+                    prompt.char_count, prompt.estimated_tokens, " (truncated)" if prompt.truncated else "")
+        if dry_run:
+            stats["prompt"] = prompt.text
+            return None, stats, db_data
 
-    prompt = prompt_builder.build_prompt(
-        db_data, template, additional_context,
-        data_format=data_format, max_tokens=prompt_tokens, max_chars=prompt_chars, max_rows=prompt_rows,
-        max_cell_chars=max_cell_chars, context_tokens=settings.model_context_tokens,
-        max_new_tokens=max_new_tokens, system_prompt=system_prompt,
-    )
-    stats.update(
-        rows_shown=prompt.rows_shown, rows_total=prompt.rows_total, truncated=prompt.truncated,
-        prompt_chars=prompt.char_count, prompt_tokens_estimate=prompt.estimated_tokens,
-        prompt_warnings=list(prompt.warnings),
-    )
-    logger.info("Prompt built: %d of %d rows, %d chars, ~%d tokens%s", prompt.rows_shown, prompt.rows_total,
-                prompt.char_count, prompt.estimated_tokens, " (truncated)" if prompt.truncated else "")
-    if dry_run:
-        stats["prompt"] = prompt.text
-        return None, stats, db_data
-
-    client = client or _model_client(settings)
-    if progress:
-        rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
-        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.base_url} ...")
-    if stream:
-        pieces: list[str] = []
-        model_stats: dict[str, Any] = {}
-        try:
+        client = _model_client(settings)
+        if progress:
+            rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
+            progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.base_url} ...")
+        if stream:
+            model_stats: dict[str, Any] = {}
             for item in client.stream(prompt.text, system_prompt, max_new_tokens, temperature):
                 if isinstance(item, dict):
                     model_stats = item
@@ -175,15 +172,16 @@ def run_pipeline(
                     pieces.append(item)
                     if on_text:
                         on_text(item)
-        except BaseException as exc:
-            exc.partial_text = "".join(pieces)  # type: ignore[attr-defined]
-            raise
-        response = "".join(pieces)
-    else:
-        response, model_stats = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
-    stats.update(model_stats)
-    stats["total_time"] = round(time.perf_counter() - started, 4)
-    return response, stats, db_data
+            response = "".join(pieces)
+        else:
+            response, model_stats = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
+        stats.update(model_stats)
+        stats["total_time"] = round(time.perf_counter() - started, 4)
+        return response, stats, db_data
+    except BaseException as exc:
+        exc.stats, exc.db_data = stats, db_data  # type: ignore[attr-defined]
+        exc.partial_text = getattr(exc, "partial_text", "") or "".join(pieces)  # type: ignore[attr-defined]
+        raise
 
 
 # One database pool and one model client per settings, reused by every run_pipeline call
@@ -192,17 +190,24 @@ def run_pipeline(
 _shared: dict[str, Any] = {}
 
 
-def _resources(settings: Settings) -> tuple[Database, Any]:
+def _use_settings(settings: Settings) -> None:
     if _shared.get("settings") != settings:
         close_resources()
-        _shared.update(settings=settings, database=Database(settings), client=None)
-    return _shared["database"], _shared["client"]
+        _shared["settings"] = settings
+
+
+def _database(settings: Settings) -> Database:
+    _use_settings(settings)
+    if "database" not in _shared:
+        _shared["database"] = Database(settings)
+    return _shared["database"]
 
 
 def _model_client(settings: Settings) -> Any:
     import model_api_client  # imported on first use: --dry-run never needs requests
 
-    if _shared.get("client") is None:
+    _use_settings(settings)
+    if "client" not in _shared:
         _shared["client"] = model_api_client.ModelAPIClient(settings)
     return _shared["client"]
 
@@ -365,10 +370,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- logging --------------------------------------------------------------------------
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
-_KEY_VALUE_SECRET = re.compile(r"(?i)\b(password|api_key|authorization)(\s*[=:]\s*)(bearer\s+)?\S+")
-
-
 class SecretMaskingFilter(logging.Filter):
     """Replace known secrets, URL passwords and ``password=...`` in every record."""
 
@@ -377,10 +378,7 @@ class SecretMaskingFilter(logging.Filter):
         self.secrets = [s for s in secrets if s]
 
     def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        text = _URL_PASSWORD.sub(r"\1***@", text)
-        return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+        return config.mask_secrets(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.mask(record.getMessage())
@@ -401,15 +399,14 @@ class _NotForConsole(logging.Filter):
 def setup_logging(settings: Settings | None, verbose: bool, quiet: bool, stderr: TextIO) -> None:
     """Console (stderr) and rotating log file, both masking secrets. Only the CLI calls this."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    _remove_our_log_handlers()
     masking = SecretMaskingFilter(settings.secrets() if settings else [])
     console = logging.StreamHandler(stderr)
     console.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     console.addFilter(_NotForConsole())
     console.addFilter(masking)
+    console._pipeline_handler = True  # type: ignore[attr-defined]
     root.addHandler(console)
     level = logging.DEBUG if verbose else logging.WARNING
     if settings and settings.log_file:
@@ -424,10 +421,20 @@ def setup_logging(settings: Settings | None, verbose: bool, quiet: bool, stderr:
             file_handler.setLevel(logging.DEBUG if verbose else getattr(logging, settings.log_level))
             file_handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
             file_handler.addFilter(masking)
+            file_handler._pipeline_handler = True  # type: ignore[attr-defined]
             root.addHandler(file_handler)
             level = min(level, file_handler.level)
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _remove_our_log_handlers() -> None:
+    """Remove (and close) the handlers setup_logging added; leave anyone else's alone."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_pipeline_handler", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 # --- output ---------------------------------------------------------------------------
@@ -481,7 +488,7 @@ def format_stats(stats: Mapping[str, Any]) -> str:
 
 
 def _json_document(answer: str | None, stats: Mapping[str, Any], db_data: Mapping[str, Any] | None,
-                   error: PipelineError | None = None, complete: bool = True) -> dict[str, Any]:
+                   error: dict[str, Any] | None = None, complete: bool = True) -> dict[str, Any]:
     public_stats = {k: v for k, v in stats.items() if k not in ("prompt", "prompt_warnings")}
     return {
         "ok": error is None,
@@ -497,7 +504,7 @@ def _json_document(answer: str | None, stats: Mapping[str, Any], db_data: Mappin
         "model": stats.get("model"),
         "stats": public_stats,
         "query": db_data.get("query") if db_data else None,
-        "error": None if error is None else {"code": error.code, "message": error.message, "hint": error.hint},
+        "error": error,
     }
 
 
@@ -535,7 +542,7 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
     else:
         line(True, "database", f"connected to {settings.db_display()} (PostgreSQL {info['server_version']})")
         if info["read_only"]:
-            line(True, "read-only", "queries run in read-only transactions")
+            line(True, "read-only", "sessions default to read-only; every query runs in a READ ONLY transaction")
         else:
             line(False, "read-only", "the session is not read-only", "Fix: report this as a bug.")
             failures.append(ExitCode.QUERY)
@@ -592,6 +599,37 @@ def _readable_secrets_file(settings: Settings) -> str | None:
 # --- main -----------------------------------------------------------------------------
 
 
+class _MaskedStream:
+    """A text stream that hides secrets in everything written through it (our stderr)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.secrets: list[str] = []
+
+    def write(self, text: str) -> int:
+        return self._stream.write(config.mask_secrets(text, self.secrets))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+def _error_info(error: BaseException, secrets: Sequence[str]) -> dict[str, Any]:
+    """The ``error`` object of the --json document, secrets masked."""
+    if isinstance(error, Terminated):
+        return {"code": "TERMINATED", "message": "Terminated by SIGTERM.", "hint": None}
+    if isinstance(error, KeyboardInterrupt):
+        return {"code": "INTERRUPTED", "message": "Interrupted (Ctrl-C).", "hint": None}
+    assert isinstance(error, PipelineError)
+    return {
+        "code": error.code,
+        "message": config.mask_secrets(error.message, secrets),
+        "hint": config.mask_secrets(error.hint, secrets) if error.hint else None,
+    }
+
+
 def _print_error(error: BaseException, stderr: TextIO, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(type(error), error, error.__traceback__, file=stderr)
@@ -606,33 +644,36 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Run the command line; return the exit code (never raises, never calls sys.exit)."""
-    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    err = _MaskedStream(stderr or sys.stderr)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage or help
         return int(exc.code or 0)
 
-    if threading_is_main():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     verbose, quiet = args.verbose, args.quiet
+    root_level = logging.getLogger().level
+    setup_logging(None, verbose, quiet, err)  # console only, until the settings name the log file
 
     def progress(message: str) -> None:
         if not quiet:
-            stderr.write(message + "\n")
-            stderr.flush()
+            err.write(message + "\n")
+            err.flush()
 
-    settings: Settings | None = None
     answer_parts: list[str] = []
     stats: dict[str, Any] = {}
     db_data: dict[str, Any] | None = None
     try:
         overrides = _overrides(args)
         if args.check:
-            setup_logging(None, verbose, quiet, stderr)
             return int(run_checks(overrides, stdout))
         settings = config.load_settings(overrides)
-        setup_logging(settings, verbose, quiet, stderr)
+        err.secrets = settings.secrets()
+        setup_logging(settings, verbose, quiet, err)
         query = _resolve_query(args, stdin)
         params = _parse_params(args.param)
         template = _read_text_file(args.template_file, "template") if args.template_file else args.template
@@ -696,30 +737,33 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
         progress(format_stats(stats))
         logger.info("Done: %s", format_stats(stats))
         return ExitCode.OK
-    except KeyboardInterrupt as exc:
-        partial = getattr(exc, "partial_text", "") or "".join(answer_parts)
-        _keep_partial(partial, args, stdout, stats, db_data, None)
-        what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
-        stderr.write(f"\n{what}." + (" The partial answer above was kept.\n" if partial else "\n"))
-        logger.warning("%s by a signal", what, extra={"file_only": True})
-        return exit_code_for(exc)
-    except PipelineError as exc:
+    except (KeyboardInterrupt, PipelineError) as exc:
+        # run_pipeline attaches what it had: keep the rows, the stats and the partial answer.
+        stats, db_data = getattr(exc, "stats", stats), getattr(exc, "db_data", db_data)
         partial = getattr(exc, "partial_text", "") or "".join(answer_parts)
         if partial or args.json:
-            _keep_partial(partial, args, stdout, stats, db_data, exc)
-        logger.error("%s: %s", exc.code, exc, exc_info=verbose, extra={"file_only": True})
-        _print_error(exc, stderr, verbose)
+            _keep_partial(partial, args, stdout, stats, db_data, _error_info(exc, err.secrets))
+        if isinstance(exc, KeyboardInterrupt):
+            what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+            err.write(f"\n{what}." + (" The partial answer above was kept.\n" if partial else "\n"))
+            logger.warning("%s by a signal", what, extra={"file_only": True})
+        else:
+            logger.error("%s: %s", exc.code, exc, exc_info=verbose, extra={"file_only": True})
+            _print_error(exc, err, verbose)
         return exit_code_for(exc)
     except Exception as exc:  # noqa: BLE001 - a bug: report it, with the traceback in the log
         logger.error("Internal error", exc_info=True, extra={"file_only": True})
         if verbose:
-            traceback.print_exc(file=stderr)
-        stderr.write(f"Internal error: {type(exc).__name__}: {exc}\n"
-                     "This is a bug. Run again with --verbose and report the output.\n")
+            traceback.print_exc(file=err)
+        err.write(f"Internal error: {type(exc).__name__}: {exc}\n"
+                  "This is a bug. Run again with --verbose and report the output.\n")
         return ExitCode.INTERNAL
     finally:
         close_resources()
-        logging.shutdown()
+        _remove_our_log_handlers()
+        logging.getLogger().setLevel(root_level)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _emit(text: str, args: argparse.Namespace, stdout: TextIO) -> None:
@@ -731,8 +775,8 @@ def _emit(text: str, args: argparse.Namespace, stdout: TextIO) -> None:
 
 
 def _keep_partial(partial: str, args: argparse.Namespace, stdout: TextIO, stats: Mapping[str, Any],
-                  db_data: Mapping[str, Any] | None, error: PipelineError | None) -> None:
-    """After an interruption or a broken stream, keep what arrived (stdout, FILE.partial, JSON)."""
+                  db_data: Mapping[str, Any] | None, error: dict[str, Any]) -> None:
+    """After an interruption or a failure, keep what arrived (stdout, FILE.partial, JSON)."""
     if args.json:
         doc = _json_document(partial or None, stats, db_data, error, complete=False)
         text = json.dumps(doc, ensure_ascii=False, indent=2)
@@ -744,12 +788,6 @@ def _keep_partial(partial: str, args: argparse.Namespace, stdout: TextIO, stats:
     stdout.flush()
     if args.output and (partial or args.json):
         write_atomically(args.output + ".partial", text)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

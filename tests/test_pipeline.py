@@ -211,6 +211,7 @@ def test_check_passes_with_database_and_server(run):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("[ OK ] settings")
     assert any(line.startswith("[ OK ] database: connected") and "PostgreSQL 15" in line for line in lines)
+    assert any(line.startswith("[ OK ] read-only: sessions default to read-only") for line in lines)
     assert "[ OK ] protocol: ollama (detected)" in lines
     assert any(line.startswith("[ OK ] model: phi4") for line in lines)
     assert posts(srv) == []  # checking never starts a generation
@@ -247,7 +248,7 @@ def test_check_with_bad_settings(run):
     [
         (["--query", "SELECT 1", "--temperature", "hot"], {}, 2, "TEMPERATURE must be a number"),
         (["--query", "SELECT 1"], {"PC_IP": "192.168.0.XXX"}, 2, "PC_IP is not configured yet"),
-        (["--query", "SELECT 1", "--template", "{dta}"], {"PC_IP": "127.0.0.1"}, 2, "dta"),
+        (["--query", "SELECT 1", "--template", "{dta}"], {"PC_IP": "127.0.0.1"}, 2, "Unknown placeholder in the template: {dta}"),
         (["--query", "SELECT 1", "--param", "oops"], {"PC_IP": "127.0.0.1"}, 2, "is not NAME=VALUE"),
         (["--query", "SELECT 1", "--no-such-flag"], {}, 2, "unrecognized arguments"),
         (["--query-file", "missing.sql"], {"PC_IP": "127.0.0.1"}, 2, "missing.sql does not exist"),
@@ -264,7 +265,7 @@ def test_check_with_bad_settings(run):
 def test_exit_codes_for_bad_input(run, args, env, code, message):
     result = run(*args, env=env)
     assert result.returncode == code, result.stderr
-    assert message in result.stderr
+    assert result.stderr.count(message) == 1  # once: not also echoed by the logging fallback
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
@@ -393,6 +394,8 @@ def test_sigterm_keeps_the_partial_answer_and_exits_143(test_db_url, tmp_path):
     assert proc.returncode == 143, err
     doc = json.loads(out)
     assert doc["complete"] is False and doc["answer"].startswith("one two")
+    assert doc["ok"] is False and doc["error"]["code"] == "TERMINATED"
+    assert doc["rows_shown"] == 1 and doc["query"] == "SELECT 1 AS x"
     assert "Terminated." in err and "Traceback" not in err
 
 
@@ -426,3 +429,52 @@ def test_check_warns_when_env_file_with_a_password_is_world_readable(run, tmp_pa
     assert "chmod 600 .env" in loose.stdout
     assert "[WARN] settings" not in tight.stdout
     assert "secret-in-file" not in loose.stdout + loose.stderr
+
+
+def test_json_failure_keeps_the_rows_and_stats(run):
+    with FakePCServer(delay=3) as srv:
+        result = run("--query", "SELECT name FROM customers ORDER BY id", "--json", "--timeout", "1",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 5
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["error"]["code"] == "TIMEOUT_ERROR" and "API_TIMEOUT" in doc["error"]["hint"]
+    assert (doc["rows_shown"], doc["rows_total"], doc["query"]) == (12, 12, "SELECT name FROM customers ORDER BY id")
+    assert doc["prompt_chars"] > 0 and doc["stats"]["db_time"] is not None
+
+
+def test_password_in_the_server_url_never_reaches_stderr_or_json(run):
+    url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{free_port()}"
+    plain = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, env={"API_MAX_ATTEMPTS": "1"})
+    as_json = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, "--json", "-v",
+                  env={"API_MAX_ATTEMPTS": "1"})
+    assert plain.returncode == 5 and as_json.returncode == 5
+    assert "bob:***@127.0.0.1" in plain.stderr  # the URL is still shown, its password is not
+    for text in (plain.stderr, plain.stdout, as_json.stderr, as_json.stdout):
+        assert "Hunter2-Sentinel" not in text
+
+
+def test_percent_in_a_comment_with_parameters(run):
+    result = run("--query", "SELECT name FROM customers -- 50% of them?\nWHERE city = %(city)s ORDER BY id",
+                 "--param", "city=부산", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "| 이서연 |" in result.stdout
+
+
+def test_literal_percent_next_to_parameters_gets_the_hint(run):
+    result = run("--query", "SELECT %(c)s AS v, '50%' AS w", "--param", "c=1", "--dry-run")
+    assert result.returncode == 4
+    assert "write a literal % as %%" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_main_in_process_restores_signal_handler_and_logging(test_db_url, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", test_db_url)
+    monkeypatch.setenv("LOG_FILE", "")
+    import logging
+
+    before_handler = signal.getsignal(signal.SIGTERM)
+    before_handlers = list(logging.getLogger().handlers)
+    out, err = io.StringIO(), io.StringIO()
+    assert pipeline.main(["--query", "SELECT 1 AS x", "--dry-run"], stdin=io.StringIO(), stdout=out, stderr=err) == 0
+    assert "| 1 |" in out.getvalue()
+    assert signal.getsignal(signal.SIGTERM) is before_handler
+    assert logging.getLogger().handlers == before_handlers
