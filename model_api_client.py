@@ -443,7 +443,7 @@ class ModelAPIClient:
             headers["Accept"] = "text/event-stream, application/x-ndjson"
         for attempt in range(attempts):
             logger.info("%s %s (%d bytes)%s", method, url, len(data or b""), " streaming" if stream else "")
-            if data is not None:
+            if data is not None and logger.isEnabledFor(logging.DEBUG):  # a prompt can be 70 KB
                 logger.debug("Request body: %s", _shorten(_decode(data), 500))
             started = time.monotonic()
             try:
@@ -532,7 +532,8 @@ class ModelAPIClient:
     def _json(self, resp: requests.Response, what: str) -> Any:
         """Parse a 200 body as JSON, or raise BadResponseError describing what came instead."""
         text = _decode(resp.content)
-        logger.debug("Response body: %s", _shorten(text, 500))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Response body: %s", _shorten(text, 500))
         content_type = resp.headers.get("Content-Type", "")
         try:
             return json.loads(text)

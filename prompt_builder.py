@@ -875,23 +875,21 @@ def build_prompt(
         body = head + "".join(row_parts[:n])
         return _fill(parts, values, f"{body}\n\n{note}" if note else body)
 
-    def fits(text: str) -> bool:
-        return estimate_tokens(text) <= max_tokens and (max_chars is None or len(text) <= max_chars)
+    def fits(text: str, tokens: int) -> bool:
+        return tokens <= max_tokens and (max_chars is None or len(text) <= max_chars)
 
     # The estimate of the whole text is at most the sum of its pieces', so this
     # loop rarely drops a row; it makes the bound hold exactly.
     text = render(shown)
     tokens = estimate_tokens(text)
-    while shown > 0 and (tokens > max_tokens or (max_chars is not None and len(text) > max_chars)):
+    while shown > 0 and not fits(text, tokens):
         shown -= 1
         text = render(shown)
         tokens = estimate_tokens(text)
 
-    if tokens > max_tokens or (max_chars is not None and len(text) > max_chars) or (
-        shown == 0 and limit > 0 and layout is not None
-    ):
+    if not fits(text, tokens) or (shown == 0 and limit > 0 and layout is not None):
         bare = _fill(parts, values, "")
-        if layout is None or not fits(bare):
+        if layout is None or not fits(bare, estimate_tokens(bare)):
             over = text if layout is None else bare
             raise PromptError(
                 "The template, context and query alone exceed the prompt budget: "
