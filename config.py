@@ -239,12 +239,7 @@ class Settings:
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
-        shown = []
-        for var in VARIABLES:
-            value = getattr(self, var.field)
-            if var.secret and value:
-                value = mask_url_password(value) if var.name == "DATABASE_URL" else "***"
-            shown.append(f"{var.field}={value!r}")
+        shown = (f"{var.field}={_masked(var, getattr(self, var.field))!r}" for var in VARIABLES)
         return f"Settings({', '.join(shown)})"
 
     __str__ = __repr__
@@ -424,17 +419,19 @@ def load_settings(
     return Settings(**values, env_file=str(path) if file_values or explicit_file else None, sources=sources)
 
 
+def _masked(var: _Var, value: Any) -> Any:
+    """A setting's value fit to show: secrets as ``***`` (a URL keeps all but its password)."""
+    if var.secret and value:
+        return mask_url_password(value) if var.name == "DATABASE_URL" else "***"
+    return value
+
+
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
-    """(name, shown value, source) for every variable, secrets masked: for ``--check`` and logs."""
+    """(name, shown value, source) for every variable, secrets masked: for users' scripts and debugging."""
     rows = []
     for var in VARIABLES:
         value = getattr(settings, var.field)
-        if value is None:
-            shown = "(not set)"
-        elif var.secret:
-            shown = mask_url_password(value) if var.name == "DATABASE_URL" else "***"
-        else:
-            shown = str(value)
+        shown = "(not set)" if value is None else str(_masked(var, value))
         rows.append((var.name, shown, settings.source_of(var.name)))
     return rows
 

@@ -21,8 +21,7 @@ import random
 import re
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -378,19 +377,6 @@ class Database:
         finally:
             self._slots.release()
 
-    @contextmanager
-    def connection(self) -> Iterator[ext.connection]:
-        """``with db.connection() as conn:`` borrow and always give back."""
-        conn = self.acquire()
-        broken = False
-        try:
-            yield conn
-        except psycopg2.Error:
-            broken = bool(conn.closed)
-            raise
-        finally:
-            self.release(conn, broken=broken)
-
     def close(self) -> None:
         """Close every pooled connection; the next call reconnects."""
         with self._lock:
@@ -475,7 +461,7 @@ class Database:
             lines.append(f"Detail: {diag.message_detail}")
         position = None
         if diag.statement_position:
-            offset = int(diag.statement_position) - (len(_DECLARE_PREFIX) if _declared(exc, statement) else 0)
+            offset = int(diag.statement_position) - (len(_DECLARE_PREFIX) if _declared(exc) else 0)
             if 1 <= offset <= len(statement):
                 position = offset
                 if params is None:
@@ -537,7 +523,8 @@ def _rollback_quietly(conn: ext.connection) -> None:
         pass
 
 
-def _declared(exc: psycopg2.Error, statement: str) -> bool:
+def _declared(exc: psycopg2.Error) -> bool:
+    """Whether the failed statement was our DECLARE wrapper (positions then include its prefix)."""
     query = getattr(getattr(exc, "cursor", None), "query", None)
     if query is None:
         return True

@@ -495,7 +495,6 @@ def test_pool_opens_connections_on_demand_and_keeps_them(test_db_url, admin_conn
 
 
 def test_too_many_connections_for_role_is_retried(admin_url, test_db_url):
-    from conftest import _with_database
     from urllib.parse import urlsplit, urlunsplit
 
     admin = psycopg2.connect(admin_url)
