@@ -1065,23 +1065,30 @@ class ModelAPIClient:
         error.detail = detail  # type: ignore[attr-defined]
         return _with_partial(error, partial)
 
+    def _stream_event(self, text: str, what: str, received: list[str]) -> dict[str, Any] | None:
+        """One streamed JSON object; None to skip it. Raises, keeping the partial text, on
+        a line that is not JSON or on the server's mid-stream ``{"error": ...}``."""
+        try:
+            event = json.loads(text)
+        except ValueError:
+            raise _with_partial(
+                BadResponseError(f"{what} that is not JSON: {_shorten(text)!r}"), "".join(received)
+            ) from None
+        if not isinstance(event, dict):
+            return None
+        if "error" in event:
+            raise self._stream_error(_error_detail(event) or str(event["error"]), received)
+        return event
+
     def _ollama_events(self, lines: Iterator[str], stats: dict[str, Any]) -> Iterator[str]:
         """NDJSON: ``{"message": {"content": ...}, "done": false}`` ... ``{"done": true, counts}``."""
         received: list[str] = []
         for line in lines:
             if not line.strip():
                 continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                raise _with_partial(
-                    BadResponseError(f"The Ollama stream sent a line that is not JSON: {_shorten(line)!r}"),
-                    "".join(received),
-                ) from None
-            if not isinstance(event, dict):
+            event = self._stream_event(line, "The Ollama stream sent a line", received)
+            if event is None:
                 continue
-            if "error" in event:
-                raise self._stream_error(_error_detail(event) or str(event["error"]), received)
             message = event.get("message")
             content = message.get("content") if isinstance(message, dict) else None
             if content:
@@ -1105,17 +1112,9 @@ class ModelAPIClient:
             if data == "[DONE]":
                 self._openai_stats(stats, usage, timings)
                 return
-            try:
-                event = json.loads(data)
-            except ValueError:
-                raise _with_partial(
-                    BadResponseError(f"The stream sent an event that is not JSON: {_shorten(data)!r}"),
-                    "".join(received),
-                ) from None
-            if not isinstance(event, dict):
+            event = self._stream_event(data, "The stream sent an event", received)
+            if event is None:
                 continue
-            if "error" in event:
-                raise self._stream_error(_error_detail(event) or str(event["error"]), received)
             stats["model"] = event.get("model") or stats["model"]
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
