@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 import traceback
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
@@ -33,12 +32,10 @@ from db_connector import Database, check_read_only_query
 from errors import (
     ConfigError,
     DBConnectionError,
-    ModelAPIError,
-    ModelConnectionError,
-    ModelTimeoutError,
+    ExitCode,
     PipelineError,
-    PromptError,
     QueryError,
+    UsageError,
 )
 
 logger = logging.getLogger("db_to_model_pipeline")
@@ -48,32 +45,10 @@ LOG_MAX_BYTES = 5 * 1024 * 1024
 LOG_BACKUPS = 3
 
 
-class ExitCode(IntEnum):
-    """Process exit codes (documented in --help and the README)."""
-
-    OK = 0
-    INTERNAL = 1  # a bug: please report it with --verbose output
-    USAGE = 2  # bad flags, settings or template
-    DB_CONNECTION = 3
-    QUERY = 4  # including a refused write
-    MODEL_UNREACHABLE = 5  # connection failed or timed out
-    MODEL_ERROR = 6  # the server's own error or a bad response
-    INTERRUPTED = 130  # Ctrl-C (SIGINT)
-    TERMINATED = 143  # SIGTERM
-
-
 def exit_code_for(error: BaseException) -> ExitCode:
-    """Map an exception to the process exit code; the only place this happens."""
-    if isinstance(error, (ConfigError, PromptError)):
-        return ExitCode.USAGE
-    if isinstance(error, DBConnectionError):
-        return ExitCode.DB_CONNECTION
-    if isinstance(error, QueryError):
-        return ExitCode.QUERY
-    if isinstance(error, (ModelConnectionError, ModelTimeoutError)):
-        return ExitCode.MODEL_UNREACHABLE
-    if isinstance(error, ModelAPIError):
-        return ExitCode.MODEL_ERROR
+    """The process exit code for an exception: each error class carries its own."""
+    if isinstance(error, PipelineError):
+        return ExitCode(error.exit_code)
     if isinstance(error, Terminated):
         return ExitCode.TERMINATED
     if isinstance(error, KeyboardInterrupt):
@@ -83,12 +58,6 @@ def exit_code_for(error: BaseException) -> ExitCode:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (partial results kept) but exiting 143."""
-
-
-class UsageError(ConfigError):
-    """A command-line mistake (exit code 2)."""
-
-    code = "USAGE_ERROR"
 
 
 # --- the library entry point ----------------------------------------------------------

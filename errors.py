@@ -1,21 +1,46 @@
-"""The project's one exception hierarchy.
+"""The project's one exception hierarchy, and the exit codes it maps to.
 
 Every module raises a subclass of :class:`PipelineError`; foreign exceptions
-(psycopg2, requests) are translated where they enter and never leak. Exit codes
-are assigned only at the CLI edge (``db_to_model_pipeline.py``).
+(psycopg2, requests) are translated where they enter and never leak.
 
-Each error carries ``code``, the shared guide's error label (``DB_CONNECTION_ERROR``,
-``CONNECTION_ERROR`` ...), and ``hint``, one or more lines saying what to do.
+Each error class carries:
+
+* ``code``: a stable label for logs and ``--json`` (``DB_CONNECTION_ERROR``,
+  ``CONNECTION_ERROR`` ...);
+* ``exit_code``: the process exit code the command line returns for it (an
+  :class:`ExitCode`); only the CLI edge turns it into an exit status;
+* ``hint``: one or more lines saying what to do.
+
 ``str(err)`` is the one-screen message shown to the user: what happened, then the fix.
+Context an error needs (the URL, HTTP status, partial answer, stats so far) is
+declared on its class and passed to the constructor, never attached afterwards.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+
+class ExitCode(IntEnum):
+    """Process exit codes (documented in --help and the README)."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: please report it with --verbose output
+    USAGE = 2  # bad flags, settings or template
+    DB_CONNECTION = 3
+    QUERY = 4  # including a refused write
+    MODEL_UNREACHABLE = 5  # connection failed or timed out
+    MODEL_ERROR = 6  # the server's own error or a bad response
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM
 
 
 class PipelineError(Exception):
     """Root of every error this project raises on purpose."""
 
     code = "PIPELINE_ERROR"
+    exit_code = ExitCode.INTERNAL
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -32,12 +57,20 @@ class ConfigError(PipelineError):
     """A setting is missing, malformed or still a placeholder."""
 
     code = "CONFIG_ERROR"
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(ConfigError):
+    """A command-line mistake: a bad flag, a missing file, flags that do not go together."""
+
+    code = "USAGE_ERROR"
 
 
 class DatabaseError(PipelineError):
     """Anything that went wrong talking to PostgreSQL."""
 
     code = "DB_ERROR"
+    exit_code = ExitCode.DB_CONNECTION
 
 
 class DBConnectionError(DatabaseError):
@@ -50,6 +83,7 @@ class QueryError(DatabaseError):
     """PostgreSQL rejected or failed the query; keeps SQLSTATE and position."""
 
     code = "QUERY_ERROR"
+    exit_code = ExitCode.QUERY
 
     def __init__(
         self,
@@ -73,30 +107,65 @@ class PromptError(PipelineError):
     """The template, context or budget cannot produce a valid prompt."""
 
     code = "PROMPT_ERROR"
+    exit_code = ExitCode.USAGE
 
 
 class ModelAPIError(PipelineError):
-    """Anything that went wrong talking to the model server."""
+    """Anything that went wrong talking to the model server.
+
+    Args:
+        url: the URL of the request that failed (or the server's base URL).
+        status: the HTTP status, when the server answered.
+        detail: the server's own error text (FastAPI ``detail``, ``error.message`` ...).
+        partial_text: what had arrived of the answer before it broke ("" if nothing).
+        stats: the statistics known so far (a ``GenerationStats`` or a dict), or None.
+    """
 
     code = "MODEL_API_ERROR"
+    exit_code = ExitCode.MODEL_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        detail: str | None = None,
+        partial_text: str = "",
+        stats: Any = None,
+    ) -> None:
+        super().__init__(message, hint)
+        self.url = url
+        self.status = status
+        self.detail = detail
+        self.partial_text = partial_text
+        self.stats = stats
 
 
 class ModelConnectionError(ModelAPIError):
     """The model server could not be reached (refused, DNS, connect timeout)."""
 
     code = "CONNECTION_ERROR"
+    exit_code = ExitCode.MODEL_UNREACHABLE
 
 
 class ModelTimeoutError(ModelAPIError):
     """The model server accepted the request but did not answer in time."""
 
     code = "TIMEOUT_ERROR"
+    exit_code = ExitCode.MODEL_UNREACHABLE
 
 
 class ModelNotLoadedError(ModelAPIError):
     """The server runs but its model is not loaded, pulled or available."""
 
     code = "MODEL_NOT_LOADED"
+
+    def __init__(self, message: str, hint: str | None = None, *, available_models: list[str] | None = None,
+                 **context: Any) -> None:
+        super().__init__(message, hint, **context)
+        self.available_models = available_models
 
 
 class InvalidPromptError(ModelAPIError):
