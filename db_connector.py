@@ -246,8 +246,10 @@ class RowStream:
         ``rows_read + count_remaining()`` is the number of rows, or ``max_rows`` when
         ``has_more`` is then True (there were more than that).
         """
+        if self._closed:
+            raise QueryError("The row stream is closed: count the remaining rows before leaving the with block.")
         unread = len(self._buffer) - self._pos
-        if not self._exhausted and not self._closed:
+        if not self._exhausted:
             want = None if self._max_rows is None else self._max_rows + 1 - self._fetched
             if want is None or want > 0:
                 unread += self._skip(want)
