@@ -33,7 +33,7 @@ import psycopg2.extensions as ext
 
 import sql_guard
 from config import Settings, get_settings, mask_secrets
-from db_pool import ConnectionPool, PipelineConnection, first_lines, open_connection
+from db_pool import ConnectionPool, PipelineConnection, first_lines, open_connection, reset_session
 from errors import ConfigError, DBConnectionError, QueryError, ReadOnlyViolation
 from sql_guard import Statement, check_read_only_query, first_keyword, split_statements
 
@@ -80,18 +80,11 @@ class Database:
 
     def release(self, conn: ext.connection, broken: bool = False) -> None:
         """Return a connection: rolled back and reset, or discarded if it broke."""
-        if isinstance(conn, PipelineConnection):
-            conn.deadline = conn.cancel_reason = None  # must not cancel the ROLLBACK below
-        if not conn.closed and not broken:
-            try:
-                _rollback_quietly(conn)
-                if not conn.autocommit:
-                    conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute("DISCARD ALL")  # undo any session state a query left
-            except psycopg2.Error:
-                broken = True
-        self._pool.put(conn, discard=broken)
+        reset = False
+        try:
+            reset = not broken and reset_session(conn)
+        finally:  # also on Ctrl-C: the pool always gets it back, kept only if reset
+            self._pool.put(conn, discard=not reset)
 
     def close(self) -> None:
         """Close every pooled connection (borrowed ones when returned); the next call reconnects."""
@@ -419,21 +412,6 @@ def _cancel_error(settings: Settings, reason: str) -> QueryError:
         )
     return QueryError(f"Query cancelled ({reason}): Database.cancel_all() was called while it ran.",
                       sqlstate="57014")
-
-
-def _rollback_quietly(conn: ext.connection) -> None:
-    """End whatever transaction is open; a dead connection is left for the caller to discard."""
-    if conn.closed:
-        return
-    try:
-        if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
-            if conn.autocommit:
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
-            else:
-                conn.rollback()
-    except psycopg2.Error:
-        pass
 
 
 def _declared(exc: psycopg2.Error) -> bool:

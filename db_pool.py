@@ -376,6 +376,28 @@ class ConnectionPool:
             conn.close()
 
 
+def reset_session(conn: ext.connection) -> bool:
+    """Roll back and ``DISCARD ALL`` (undo any session state a query left); False if the connection is unusable."""
+    if conn.closed:
+        return False
+    if isinstance(conn, PipelineConnection):
+        conn.deadline = conn.cancel_reason = None  # must not cancel the reset itself
+    try:
+        if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+            if conn.autocommit:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+            else:
+                conn.rollback()
+        if not conn.autocommit:
+            conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DISCARD ALL")
+    except psycopg2.Error:
+        return False
+    return True
+
+
 def _is_alive(conn: ext.connection) -> bool:
     """False for an idle connection that is closed or has unread data (the server's goodbye, e.g. after a restart)."""
     if conn.closed or conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
