@@ -46,6 +46,7 @@ _OTHER_COMMANDS = frozenset(
 
 _WRITE_NODES = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE", "MergeStmt": "MERGE"}
 _OTHER_NODES = {"CreateTableAsStmt": "CREATE TABLE AS", "ExecuteStmt": "EXECUTE", "DeclareCursorStmt": "DECLARE"}
+_WATCHED = frozenset([*_WRITE_NODES, "intoClause", "lockingClause", "FuncCall"])
 _LOCKS = {"LCS_FORUPDATE": "FOR UPDATE", "LCS_FORNOKEYUPDATE": "FOR NO KEY UPDATE",
           "LCS_FORSHARE": "FOR SHARE", "LCS_FORKEYSHARE": "FOR KEY SHARE"}
 
@@ -367,15 +368,15 @@ def _check_function(call: dict[str, Any]) -> None:
 
 
 def _walk(tree: Any) -> Iterator[tuple[str, Any]]:
-    """Every (key, value) pair in the parse tree, depth first, without recursion."""
+    """The (key, value) pairs of the parse tree that the checks look at, without recursion."""
     stack = [tree]
     while stack:
         item = stack.pop()
-        if isinstance(item, dict):
+        if type(item) is dict:
             for key, value in item.items():
-                if value is not None and value != []:
+                if key in _WATCHED and value:
                     yield key, value
-                if isinstance(value, (dict, list)):
+                if type(value) is dict or type(value) is list:
                     stack.append(value)
-        elif isinstance(item, list):
+        elif type(item) is list:
             stack.extend(item)
