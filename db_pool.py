@@ -95,7 +95,9 @@ def wait_callback(conn: ext.connection) -> None:
     connecting = conn.status == ext.STATUS_SETUP
     connect_limit = time.monotonic() + _connect_timeout(conn) if connecting else None
     cancel_sent: float | None = None
-    interrupted: float | None = None
+    # The KeyboardInterrupt (or a subclass, e.g. the CLI's SIGTERM) to re-raise once the server answered.
+    interrupt: KeyboardInterrupt | None = None
+    give_up: float | None = None
     while True:
         try:
             state = conn.poll()
@@ -104,25 +106,25 @@ def wait_callback(conn: ext.connection) -> None:
             now = time.monotonic()
             if connect_limit is not None and now >= connect_limit:
                 raise psycopg2.OperationalError("timeout expired")
-            if interrupted is not None and now - interrupted >= INTERRUPT_GRACE:
-                raise KeyboardInterrupt  # the server did not answer the cancel in time
+            if interrupt is not None and give_up is not None and now >= give_up:
+                raise interrupt  # the server did not answer the cancel in time
             if not connecting and (cancel_sent is None or now - cancel_sent >= CANCEL_RESEND) \
                     and _should_cancel(conn, now):
                 _cancel(conn)
                 cancel_sent = now
-            limits = [connect_limit, interrupted + INTERRUPT_GRACE if interrupted is not None else None,
-                      getattr(conn, "deadline", None) if cancel_sent is None else None]
+            limits = [connect_limit, give_up, getattr(conn, "deadline", None) if cancel_sent is None else None]
             _select(conn, state, max(0.0, min([1.0] + [limit - now for limit in limits if limit is not None])))
-        except KeyboardInterrupt:
-            if connecting or interrupted is not None:
+        except KeyboardInterrupt as exc:
+            if connecting or interrupt is not None:
                 raise  # nothing to cancel yet, or a second Ctrl-C / no answer: stop now
             logger.warning("Interrupted: cancelling the running query")
-            interrupted = cancel_sent = time.monotonic()
+            interrupt, cancel_sent = exc, time.monotonic()
+            give_up = cancel_sent + INTERRUPT_GRACE
             if isinstance(conn, PipelineConnection):
                 conn.cancel_reason = "interrupted"
             _cancel(conn)
-    if interrupted is not None:
-        raise KeyboardInterrupt
+    if interrupt is not None:
+        raise interrupt  # psycopg2 then closes the connection; the statement was cancelled
 
 
 def _connect_timeout(conn: ext.connection) -> float:
