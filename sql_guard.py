@@ -99,8 +99,8 @@ _PLACEHOLDER = re.compile(r"%(?:%|s|\([^)]*\)s)")
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 _SEMICOLON = "ASCII_59"
 
-READ_HINT = "Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN."
-WRITE_HINT = READ_HINT + " To change data, use psql with a role that is allowed to write."
+_READ_HINT = "Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN."
+_WRITE_HINT = _READ_HINT + " To change data, use psql with a role that is allowed to write."
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def _parse_one(text: str, placeholders: bool | None) -> tuple[str, dict[str, Any
         raise ReadOnlyViolation(
             f"Refused: the query starts with {keyword or text[:20]!r}, which is not a read statement"
             + (f" (did you mean {guess[0]}?)." if guess else "."),
-            hint=READ_HINT,
+            hint=_READ_HINT,
         )
     raise _syntax_error(text, error)
 
@@ -296,7 +296,7 @@ def _syntax_error(text: str, error: parser.ParseError) -> QueryError:
 
 def _not_allowed(command: str) -> ReadOnlyViolation:
     return ReadOnlyViolation(f"Refused: {command} statements are not allowed; this pipeline only reads data.",
-                             hint=WRITE_HINT)
+                             hint=_WRITE_HINT)
 
 
 def _verdict(text: str, node_type: str, node: dict[str, Any]) -> str:
@@ -310,7 +310,7 @@ def _verdict(text: str, node_type: str, node: dict[str, Any]) -> str:
             raise ReadOnlyViolation(
                 f"Refused: EXPLAIN of {_command(inner_type, '')} is not allowed; only reads may be explained "
                 "(EXPLAIN ANALYZE runs the statement it explains).",
-                hint=WRITE_HINT,
+                hint=_WRITE_HINT,
             )
         _check_reads_only(inner)
         return "EXPLAIN"
