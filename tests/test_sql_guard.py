@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -187,8 +188,6 @@ def test_split_statements_agrees_with_postgresqls_lexer(sql, count):
 
 
 def _literal(text: str) -> str:
-    import re
-
     return re.escape(text)
 
 
