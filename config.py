@@ -112,6 +112,16 @@ def _postgres_url(raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("a URL such as postgresql://user:password@localhost:5432/dbname")
+    # libpq rejects a % that does not start a two-digit hex escape, and %00.
+    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", value):
+        raise ValueError("a URL whose % signs start two-digit hex escapes (write a % in a password as %25)")
+    hosts = urlsplit(value).netloc.rpartition("@")[2]
+    for host in hosts.split(","):  # libpq accepts several host[:port], comma-separated
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        port = port.rpartition(":")[2] if ":" in port else ""
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError("a URL whose port is a number from 1 to 65535, "
+                             "as in postgresql://user:password@localhost:5432/dbname")
     return value
 
 
