@@ -122,7 +122,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    config._cached = None
+    config.reset_settings()
     yield
     db_connector.close_pool()
-    config._cached = None
+    config.reset_settings()
