@@ -124,14 +124,21 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         _run(command, run, console)
         return _report(command, run, console)
     except (KeyboardInterrupt, PipelineError) as exc:
-        return _report_failure(exc, args, run, console)
+        try:
+            return _report_failure(exc, args, run, console)
+        except Exception as report_error:  # noqa: BLE001 - e.g. stdout is gone
+            return _report_bug(report_error, args, console)
     except Exception as exc:  # noqa: BLE001 - a bug: report it, with the traceback in the log
-        logger.error("Internal error", exc_info=True, extra={"file_only": True})
-        if args.verbose:
-            traceback.print_exc(file=console.err)
-        console.err.write(f"Internal error: {type(exc).__name__}: {exc}\n"
-                          "This is a bug. Run again with --verbose and report the output.\n")
-        return ExitCode.INTERNAL
+        return _report_bug(exc, args, console)
+
+
+def _report_bug(error: Exception, args: argparse.Namespace, console: _Console) -> ExitCode:
+    logger.error("Internal error", exc_info=error, extra={"file_only": True})
+    if args.verbose:
+        traceback.print_exception(type(error), error, error.__traceback__, file=console.err)
+    console.err.write(f"Internal error: {type(error).__name__}: {error}\n"
+                      "This is a bug. Run again with --verbose and report the output.\n")
+    return ExitCode.INTERNAL
 
 
 def _check(args: argparse.Namespace, overrides: dict[str, Any], console: _Console) -> ExitCode:
@@ -228,8 +235,11 @@ def _keep_partial(partial: str, args: argparse.Namespace, run: RunResult | None,
         if partial and not partial.endswith("\n"):
             console.out.write("\n")
     console.out.flush()
-    if args.output and (partial or args.json):
-        write_atomically(args.output + ".partial", text)
+    if args.output and run is not None and (partial or args.json):  # a run started: --output was checked
+        try:
+            write_atomically(args.output + ".partial", text)
+        except OSError as exc:
+            console.err.write(f"Could not save {args.output}.partial: {exc.strerror or exc}.\n")
 
 
 if __name__ == "__main__":

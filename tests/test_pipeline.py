@@ -460,15 +460,37 @@ def test_json_failure_keeps_the_rows_and_stats(run):
     assert doc["prompt_chars"] > 0 and doc["stats"]["db_time"] is not None
 
 
-def test_password_in_the_server_url_never_reaches_stderr_or_json(run):
+def test_password_in_the_server_url_never_reaches_stderr_json_or_log(run, tmp_path):
     url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{free_port()}"
     plain = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, env={"API_MAX_ATTEMPTS": "1"})
     as_json = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, "--json", "-v",
                   env={"API_MAX_ATTEMPTS": "1"})
     assert plain.returncode == 5 and as_json.returncode == 5
     assert "bob:***@127.0.0.1" in plain.stderr  # the URL is still shown, its password is not
-    for text in (plain.stderr, plain.stdout, as_json.stderr, as_json.stdout):
+    assert "bob:***@127.0.0.1" in json.loads(as_json.stdout)["error"]["message"]
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert "bob:***@127.0.0.1" in log
+    for text in (plain.stderr, plain.stdout, as_json.stderr, as_json.stdout, log):
         assert "Hunter2-Sentinel" not in text
+
+
+@pytest.mark.parametrize("server_up", [True, False], ids=["server-up", "server-down"])
+def test_check_masks_a_password_in_api_base_url_on_every_channel(run, tmp_path, server_up):
+    with FakeOllamaServer() as srv:
+        port = srv.port if server_up else free_port()
+        url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{port}"
+        result = run("--check", "-v", env={"API_BASE_URL": url, "API_MAX_ATTEMPTS": "1"})
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert result.returncode == (0 if server_up else 5), result.stdout
+    server_line = next(line for line in result.stdout.splitlines() if " model server: " in line)
+    assert server_line.startswith("[ OK ]" if server_up else "[FAIL]")
+    assert f"http://bob:***@127.0.0.1:{port}" in server_line  # the URL is shown, its password is not
+    if not server_up:
+        assert f"(tried http://bob:***@127.0.0.1:{port})" in result.stdout  # the hint's URL too
+    for channel in (result.stderr, log):  # -v: the requests' URLs are logged on stderr and in the file
+        assert f"bob:***@127.0.0.1:{port}" in channel
+    for channel in (result.stdout, result.stderr, log):
+        assert "Hunter2-Sentinel" not in channel
 
 
 def test_percent_in_a_comment_with_parameters(run):
@@ -496,3 +518,57 @@ def test_main_in_process_restores_signal_handler_and_logging(test_db_url, monkey
     assert "| 1 |" in out.getvalue()
     assert signal.getsignal(signal.SIGTERM) is before_handler
     assert logging.getLogger().handlers == before_handlers
+
+
+# --- --output -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "message", "fix"),
+    [
+        ("missing/answer.txt", "--output missing/answer.txt: the directory missing does not exist.", "mkdir -p missing"),
+        ("a_folder", "--output a_folder is a directory.", "name a file"),
+        ("a_folder/", "--output a_folder/ is a directory.", "name a file"),
+    ],
+)
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--dry-run"]], ids=["plain", "json", "dry-run"])
+def test_output_that_cannot_be_written_is_a_usage_error_before_anything_runs(run, tmp_path, target, message, fix,
+                                                                               mode):
+    (tmp_path / "a_folder").mkdir()
+    with FakePCServer(answer=ANSWER) as srv:
+        # The query would fail with exit 4 if it ran: the usage error comes first.
+        result = run("--query", "SELECT nope FROM customers", "--output", target, *mode,
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 2, result.stderr
+    assert f"Error [USAGE_ERROR]: {message}" in result.stderr and fix in result.stderr
+    assert "This is a bug" not in result.stderr and "does not exist\"" not in result.stderr
+    assert srv.requests == []  # no model call, not even a probe
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "client.log"]  # no file, no .partial
+    assert list((tmp_path / "a_folder").iterdir()) == []
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_output_replacing_a_file_keeps_its_mode_and_a_new_file_follows_the_umask(run, tmp_path):
+    for name, mode in (("shared.txt", 0o644), ("group.txt", 0o640), ("private.txt", 0o600)):
+        (tmp_path / name).write_text("old answer", encoding="utf-8")
+        (tmp_path / name).chmod(mode)
+    previous = os.umask(0o022)
+    try:
+        with FakePCServer(answer=ANSWER) as srv:
+            for name in ("shared.txt", "group.txt", "private.txt", "new.txt"):
+                assert run("--query", "SELECT 1 AS x", "--output", name, env={"API_BASE_URL": srv.base_url}
+                           ).returncode == 0
+            os.umask(0o077)
+            assert run("--query", "SELECT 1 AS x", "--json", "--output", "new_private.json",
+                       env={"API_BASE_URL": srv.base_url}).returncode == 0
+    finally:
+        os.umask(previous)
+    modes = {name: _mode(tmp_path / name) for name in
+             ("shared.txt", "group.txt", "private.txt", "new.txt", "new_private.json")}
+    assert modes == {"shared.txt": 0o644, "group.txt": 0o640, "private.txt": 0o600, "new.txt": 0o644,
+                     "new_private.json": 0o600}
+    assert (tmp_path / "shared.txt").read_text(encoding="utf-8") == ANSWER
+    assert not list(tmp_path.glob(".*.tmp"))
