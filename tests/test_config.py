@@ -126,7 +126,7 @@ def test_api_url(overrides, url):
     assert load_settings(overrides, environ={}).api_base_url() == url
 
 
-def test_guide_db_placeholders_are_reported():
+def test_example_db_placeholders_are_reported():
     s = load_settings({"DB_NAME": "your_database", "DB_USER": "your_user", "DB_PASSWORD": "your_password"}, environ={})
     with pytest.raises(ConfigError, match="DB_NAME is not configured yet"):
         s.db_connect_kwargs()
