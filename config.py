@@ -28,11 +28,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from dotenv import dotenv_values
 
 from errors import ConfigError
+from masking import mask_secrets, mask_url_password, url_passwords
 from setting_parsers import Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PostgresUrl, Verbatim
 
 PROTOCOLS = ("auto", "pc", "ollama", "openai")
@@ -76,47 +77,6 @@ def setting(name: str, default: str | None, parse: Parser, doc: str, **more: Any
     declared = Setting(name, default, parse, doc, **more)
     value = None if default is None else parse(default)
     return dataclasses.field(default=value, metadata={"setting": declared})
-
-
-_URL_USERINFO_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
-_KEY_VALUE_SECRET = re.compile(r"(?i)\b(password|api_key|authorization)(\s*[=:]\s*)(bearer\s+)?\S+")
-
-
-def mask_secrets(text: str, secrets: Sequence[str] = ()) -> str:
-    """Hide known secret values, URL passwords (``://u:pw@``) and ``password=...`` in text.
-
-    The one masker for logs, error messages and everything the CLI prints.
-    """
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO_PASSWORD.sub(r"\1***@", text)
-    return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-
-
-def mask_url_password(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # not parseable as a URL: fall back to the pattern masker
-        return mask_secrets(url)
-    if password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
-
-
-def _url_passwords(url: str) -> list[str]:
-    """The password in a URL as written and percent-decoded (either may reach a message)."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    if not password:
-        return []
-    return [password] if unquote(password) == password else [password, unquote(password)]
 
 
 @dataclass(frozen=True, repr=False)
@@ -282,7 +242,7 @@ class Settings:
             if not value:
                 continue
             if var.parse.is_url:
-                found.extend(_url_passwords(value))
+                found.extend(url_passwords(value))
             elif var.secret:
                 found.append(value)
         return found
