@@ -75,6 +75,7 @@ class SharedRotatingFileHandler(logging.Handler):
         self.max_bytes = max_bytes if fcntl is not None and backups > 0 else 0  # 0: never rotate
         self.backups = backups
         self.encoding = encoding
+        self._locking = fcntl is not None
         self._fd: int | None = self._open()
 
     def _open(self) -> int:
@@ -89,18 +90,30 @@ class SharedRotatingFileHandler(logging.Handler):
             self.handleError(record)
 
     def _write(self, data: bytes) -> None:
-        if fcntl is None:
+        if fcntl is None or not self._locking:
             self._append(data)
             return
-        self._lock_current()
+        try:
+            self._lock_current()
+        except OSError:  # a file system without flock (some network mounts): append, never rotate
+            self._locking, self.max_bytes = False, 0
+            if self._fd is None:
+                self._fd = self._open()
+            self._append(data)
+            return
         try:
             if self.max_bytes:
                 size = os.fstat(self._fd).st_size
                 if size and size + len(data) > self.max_bytes:
-                    self._rotate()
+                    try:
+                        self._rotate()
+                    except OSError:  # e.g. a backup that may not be replaced: keep appending, retry next line
+                        if self._fd is None:
+                            raise
             self._append(data)
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _lock_current(self) -> None:
         """Hold the lock on the file now at the path, reopening first if it was rotated away."""
