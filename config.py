@@ -1,255 +1,163 @@
-"""Settings: loaded once, validated, passed in.
+"""Settings: declared once, loaded on demand, validated, passed in.
+
+Each setting is declared exactly once, as a field of :class:`Settings` built with
+:func:`setting` (environment variable, default, parser with its range, secret or
+not, a one-line doc). That declaration drives parsing and validation
+(:func:`load_settings`), masking (``repr``, :func:`describe_settings`,
+:meth:`Settings.secrets`), the ``Config`` class attributes and the README's
+settings table (:func:`settings_table`; ``python config.py --update-readme``).
+Adding a setting means adding one field.
 
 Precedence, highest first: explicit overrides (the CLI's flags), the real
 environment, a ``.env`` file (``./.env``, or the file named by ``ENV_FILE``),
-then the defaults below. Nothing here runs at import time: call
+then the declared defaults. Nothing here runs at import time: call
 :func:`load_settings` and pass the result to the code that needs it.
 
-``Config`` keeps the plan's class-level API (``Config.get_api_url()``,
-``Config.get_db_connection_string()``, ``Config.API_PORT`` ...) for users'
-scripts; it loads settings lazily on first use.
+``Config`` keeps the class-level API older scripts use (``Config.get_api_url()``,
+``Config.get_db_connection_string()``, ``Config.API_PORT`` ...); it loads the
+process-wide default settings lazily; :func:`reset_settings` forgets them.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote, urlsplit
 
 from dotenv import dotenv_values
 
 from errors import ConfigError
+from masking import mask_secrets, mask_url_password, url_passwords
+from setting_parsers import Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PostgresUrl, Verbatim
 
 PROTOCOLS = ("auto", "pc", "ollama", "openai")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-# Values of the shared guide's example .env that cannot work until edited.
+README = Path(__file__).resolve().parent / "README.md"
+TABLE_START = "<!-- settings table: generated from config.py by `python config.py --update-readme` -->"
+TABLE_END = "<!-- end of the generated settings table -->"
+
+# Values of the widely copied example .env that cannot work until edited.
 _PLACEHOLDER_VALUES = {"your_database", "your_user", "your_password", "your_api_key"}
 _PLACEHOLDER_PATTERN = re.compile(r"(XXX|YYY|<[^>]*>)", re.IGNORECASE)
 
 
 def is_placeholder(value: str | None) -> bool:
-    """True for a value left as in the guide's example (``192.168.0.XXX``, ``your_user``)."""
+    """True for a value left as in an example file (``192.168.0.XXX``, ``your_user``)."""
     if not value:
         return False
     return value.strip().lower() in _PLACEHOLDER_VALUES or bool(_PLACEHOLDER_PATTERN.search(value))
 
 
-# --- value parsers: each returns the parsed value or raises ValueError(expected) ---
-
-
-def _int_range(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(f"an integer from {low} to {high}") from None
-        if not low <= value <= high:
-            raise ValueError(f"an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
-def _float_range(low: float, high: float, low_inclusive: bool = True) -> Callable[[str], float]:
-    if low_inclusive:
-        expected = f"a number from {low:g} to {high:g}"
-    else:
-        expected = f"a number greater than {low:g} and at most {high:g}"
-
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(expected) from None
-        if value != value or value > high or value < low or (not low_inclusive and value == low):
-            raise ValueError(expected)
-        return value
-
-    return parse
-
-
-def _choice(options: tuple[str, ...], lower: bool = True) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower() if lower else raw.strip().upper()
-        if value not in options:
-            raise ValueError("one of " + ", ".join(options))
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _text(raw: str) -> str:
-    return raw.strip()
-
-
-def _http_url(raw: str) -> str:
-    value = raw.strip().rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("a full URL such as http://192.168.0.10:8000 (http or https)")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValueError("a URL with a port from 1 to 65535") from None
-    return value
-
-
-def _postgres_url(raw: str) -> str:
-    value = raw.strip()
-    if not value.startswith(("postgresql://", "postgres://")):
-        raise ValueError("a URL such as postgresql://user:password@localhost:5432/dbname")
-    # libpq rejects a % that does not start a two-digit hex escape, and %00.
-    if re.search(r"%(?![0-9A-Fa-f]{2})|%00", value):
-        raise ValueError("a URL whose % signs start two-digit hex escapes (write a % in a password as %25)")
-    hosts = urlsplit(value).netloc.rpartition("@")[2]
-    for host in hosts.split(","):  # libpq accepts several host[:port], comma-separated
-        port = host.rpartition("]")[2] if host.startswith("[") else host
-        port = port.rpartition(":")[2] if ":" in port else ""
-        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError("a URL whose port is a number from 1 to 65535, "
-                             "as in postgresql://user:password@localhost:5432/dbname")
-    return value
-
-
-def _host(raw: str) -> str:
-    value = raw.strip()
-    if not value or any(ch.isspace() for ch in value) or "/" in value:
-        raise ValueError("a host name or IP address such as 192.168.0.10")
-    return value
+# --- the declaration ---
 
 
 @dataclass(frozen=True)
-class _Var:
-    name: str
-    field: str
-    default: str | None
-    parse: Callable[[str], Any]
-    secret: bool = False
+class Setting:
+    """One setting's declaration; every other description of a setting is derived from it."""
+
+    name: str  # the environment / .env variable
+    default: str | None  # written as in .env and parsed like any value; None: not set
+    parse: Parser
+    doc: str  # one line for the README table
+    secret: bool = False  # never shown, logged or echoed in an error
+    example: str | None = None  # the value .env.example ships, when it differs from the default
+    default_doc: str | None = None  # the README's "Default" cell when the default needs words
+    field: str = ""  # the Settings attribute; filled in from the class
 
 
-# Every setting, in .env.example order. Defaults are strings, parsed like any value.
-VARIABLES: tuple[_Var, ...] = (
-    # Model server (PC)
-    _Var("PC_IP", "pc_ip", None, _host),
-    _Var("API_PORT", "api_port", "8000", _int_range(1, 65535)),
-    _Var("API_BASE_URL", "api_base_url_setting", None, _http_url),
-    _Var("API_PROTOCOL", "api_protocol", "auto", _choice(PROTOCOLS)),
-    _Var("MODEL_NAME", "model_name", "phi4", _text),
-    _Var("API_KEY", "api_key", None, _text, secret=True),
-    _Var("API_TIMEOUT", "api_timeout", "300", _float_range(0, 86400, low_inclusive=False)),
-    _Var("API_CONNECT_TIMEOUT", "api_connect_timeout", "5", _float_range(0, 600, low_inclusive=False)),
-    _Var("API_HEALTH_TIMEOUT", "api_health_timeout", "5", _float_range(0, 600, low_inclusive=False)),
-    _Var("API_MAX_ATTEMPTS", "api_max_attempts", "3", _int_range(1, 20)),
-    _Var("API_RETRY_AFTER_MAX", "api_retry_after_max", "60", _float_range(0, 3600)),
-    _Var("API_USE_ENV_PROXY", "api_use_env_proxy", "false", _bool),
-    _Var("MODEL_CONTEXT_TOKENS", "model_context_tokens", "16384", _int_range(256, 10_000_000)),
-    _Var("MAX_NEW_TOKENS", "max_new_tokens", "512", _int_range(1, 1_000_000)),
-    _Var("TEMPERATURE", "temperature", "0.7", _float_range(0, 2)),
-    _Var("MODEL_TYPE", "model_type", "phi4-quantized", _text),
-    # PC-only (kept so one .env layout serves both machines)
-    _Var("API_HOST", "api_host", "0.0.0.0", _host),
-    _Var("MODEL_DIR", "model_dir", None, _text),
-    _Var("LAPTOP_IP", "laptop_ip", None, _host),
-    # Database
-    _Var("DATABASE_URL", "database_url", None, _postgres_url, secret=True),
-    _Var("DB_HOST", "db_host", "localhost", _host),
-    _Var("DB_PORT", "db_port", "5432", _int_range(1, 65535)),
-    _Var("DB_NAME", "db_name", None, _text),
-    _Var("DB_USER", "db_user", None, _text),
-    _Var("DB_PASSWORD", "db_password", None, lambda raw: raw, secret=True),
-    _Var("DB_CONNECT_TIMEOUT", "db_connect_timeout", "5", _int_range(1, 600)),
-    _Var("DB_CONNECT_RETRIES", "db_connect_retries", "3", _int_range(0, 20)),
-    _Var("DB_STATEMENT_TIMEOUT", "db_statement_timeout", "60", _float_range(0, 86400)),
-    _Var("DB_POOL_SIZE", "db_pool_size", "2", _int_range(1, 50)),
-    # Logging
-    _Var("LOG_FILE", "log_file", "laptop_client.log", _text),
-    _Var("LOG_LEVEL", "log_level", "INFO", _choice(LOG_LEVELS, lower=False)),
-)
-
-_BY_NAME = {var.name: var for var in VARIABLES}
-SECRET_NAMES = frozenset(var.name for var in VARIABLES if var.secret)
-
-
-_URL_USERINFO_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
-_KEY_VALUE_SECRET = re.compile(r"(?i)\b(password|api_key|authorization)(\s*[=:]\s*)(bearer\s+)?\S+")
-
-
-def mask_secrets(text: str, secrets: Sequence[str] = ()) -> str:
-    """Hide known secret values, URL passwords (``://u:pw@``) and ``password=...`` in text.
-
-    The one masker for logs, error messages and everything the CLI prints.
-    """
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO_PASSWORD.sub(r"\1***@", text)
-    return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-
-
-def mask_url_password(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+def setting(name: str, default: str | None, parse: Parser, doc: str, **more: Any) -> Any:
+    """Declare one setting: a :class:`Settings` field whose default is ``parse(default)``."""
+    declared = Setting(name, default, parse, doc, **more)
+    value = None if default is None else parse(default)
+    return dataclasses.field(default=value, metadata={"setting": declared})
 
 
 @dataclass(frozen=True, repr=False)
 class Settings:
-    """Validated settings. Secrets never appear in ``repr``."""
+    """Validated settings, one declared field per setting. Secrets never appear in ``repr``."""
 
-    pc_ip: str | None
-    api_port: int
-    api_base_url_setting: str | None
-    api_protocol: str
-    model_name: str
-    api_key: str | None
-    api_timeout: float
-    api_connect_timeout: float
-    api_health_timeout: float
-    api_max_attempts: int
-    api_retry_after_max: float
-    api_use_env_proxy: bool
-    model_context_tokens: int
-    max_new_tokens: int
-    temperature: float
-    model_type: str
-    api_host: str
-    model_dir: str | None
-    laptop_ip: str | None
-    database_url: str | None
-    db_host: str
-    db_port: int
-    db_name: str | None
-    db_user: str | None
-    db_password: str | None
-    db_connect_timeout: int
-    db_connect_retries: int
-    db_statement_timeout: float
-    db_pool_size: int
-    log_file: str
-    log_level: str
+    # Model server on the PC
+    pc_ip: str | None = setting(
+        "PC_IP", None, Host(), "the PC's LAN address; the server URL is `http://{PC_IP}:{API_PORT}`",
+        example="192.168.0.XXX")
+    api_port: int = setting(
+        "API_PORT", "8000", IntRange(1, 65535), "model server port (Ollama 11434, LM Studio 1234, llama.cpp 8080)")
+    api_base_url_setting: str | None = setting(
+        "API_BASE_URL", None, HttpUrl(), "full base URL, overrides `PC_IP`/`API_PORT`; a trailing `/v1` is fine; "
+        "a password in it is masked everywhere")
+    api_protocol: str = setting(
+        "API_PROTOCOL", "auto", Choice(PROTOCOLS), "`pc` is this project's FastAPI server; `auto` detects it")
+    model_name: str = setting(
+        "MODEL_NAME", "phi4", Parser(), "model for Ollama and OpenAI-compatible servers (the pc server has one model)")
+    api_key: str | None = setting(
+        "API_KEY", None, Parser(), "bearer token for OpenAI-compatible servers; never logged", secret=True)
+    api_timeout: float = setting(
+        "API_TIMEOUT", "300", FloatRange(0, 86400, low_inclusive=False),
+        "seconds to wait for an answer; when streaming, between pieces")
+    api_connect_timeout: float = setting(
+        "API_CONNECT_TIMEOUT", "5", FloatRange(0, 600, low_inclusive=False), "seconds for the PC to accept a connection")
+    api_health_timeout: float = setting(
+        "API_HEALTH_TIMEOUT", "5", FloatRange(0, 600, low_inclusive=False),
+        "seconds a health check or protocol probe may take")
+    api_max_attempts: int = setting(
+        "API_MAX_ATTEMPTS", "3", IntRange(1, 20), "attempts in all on refused connections and 429/502/503/504")
+    api_retry_after_max: float = setting(
+        "API_RETRY_AFTER_MAX", "60", FloatRange(0, 3600), "cap in seconds on a server's `Retry-After`")
+    api_use_env_proxy: bool = setting(
+        "API_USE_ENV_PROXY", "false", Boolean(),
+        "honour `HTTP(S)_PROXY`/`NO_PROXY` for model-server calls (off: a LAN PC is reached directly)")
+    model_context_tokens: int = setting(
+        "MODEL_CONTEXT_TOKENS", "16384", IntRange(256, 10_000_000),
+        "the model's window (Phi-4: 16,384); prompt budget and Ollama's `num_ctx`")
+    max_new_tokens: int = setting("MAX_NEW_TOKENS", "512", IntRange(1, 1_000_000), "answer length")
+    temperature: float = setting(
+        "TEMPERATURE", "0.7", FloatRange(0, 2), "sampling temperature (the pc server needs > 0)")
+    model_type: str = setting(
+        "MODEL_TYPE", "phi4-quantized", Parser(), "the pc server's model label, shown by `--check`")
+    # Read by the PC server only; declared so that one .env layout serves both machines
+    api_host: str = setting("API_HOST", "0.0.0.0", Host(), "PC only: address the PC server binds to")
+    model_dir: str | None = setting(
+        "MODEL_DIR", None, Parser(), "PC only: model folder", example="./models/phi4-quantized")
+    laptop_ip: str | None = setting("LAPTOP_IP", None, Host(), "the laptop's LAN address (informational)")
+    # Database
+    db_host: str = setting("DB_HOST", "localhost", Host(), "PostgreSQL host")
+    db_port: int = setting("DB_PORT", "5432", IntRange(1, 65535), "PostgreSQL port")
+    db_name: str | None = setting(
+        "DB_NAME", None, Parser(), "database name", example="shop", default_doc="(libpq default)")
+    db_user: str | None = setting(
+        "DB_USER", None, Parser(), "database user", example="pipeline", default_doc="(libpq default)")
+    db_password: str | None = setting(
+        "DB_PASSWORD", None, Verbatim(), "database password; never logged (`.env.example` ships the sample's)",
+        secret=True, example="pipeline-dev-password")
+    database_url: str | None = setting(
+        "DATABASE_URL", None, PostgresUrl(), "`postgresql://user:password@host:port/db`; overrides the `DB_*` values",
+        secret=True)
+    db_connect_timeout: int = setting(
+        "DB_CONNECT_TIMEOUT", "5", IntRange(1, 600), "seconds per connection attempt")
+    db_connect_retries: int = setting(
+        "DB_CONNECT_RETRIES", "3", IntRange(0, 20), "retries, with exponential backoff, when the server is down or starting")
+    db_statement_timeout: float = setting(
+        "DB_STATEMENT_TIMEOUT", "60", FloatRange(0, 86400), "seconds one query may run (0: no limit)")
+    db_pool_size: int = setting("DB_POOL_SIZE", "2", IntRange(1, 50), "pooled connections")
+    # Logging
+    log_file: str = setting(
+        "LOG_FILE", "laptop_client.log", Parser(),
+        "log file (relative: in the current directory), created 0600; rotated at 5 MB, 3 kept; empty: none")
+    log_level: str = setting(
+        "LOG_LEVEL", "INFO", Choice(LOG_LEVELS, upper=True), "log file level (`DEBUG` includes the SQL)")
+
     env_file: str | None = None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
-        shown = (f"{var.field}={_masked(var, getattr(self, var.field))!r}" for var in VARIABLES)
+        shown = (f"{var.field}={_shown(var, getattr(self, var.field))!r}" for var in VARIABLES)
         return f"Settings({', '.join(shown)})"
 
     __str__ = __repr__
@@ -265,7 +173,7 @@ class Settings:
         """
         if self.api_base_url_setting:
             if is_placeholder(self.api_base_url_setting):
-                raise _not_configured("API_BASE_URL", self.api_base_url_setting, self)
+                raise _not_configured("API_BASE_URL", mask_url_password(self.api_base_url_setting), self)
             return self.api_base_url_setting
         if not self.pc_ip:
             raise ConfigError(
@@ -296,7 +204,7 @@ class Settings:
     def db_connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``psycopg2.connect`` (connection target only).
 
-        Raises ConfigError when a DB_* value is still the guide's placeholder.
+        Raises ConfigError when a DB_* value is still an example file's placeholder.
         """
         if self.database_url:
             return {"dsn": self.database_url}
@@ -324,13 +232,46 @@ class Settings:
         return f"postgresql://{auth}{host}:{self.db_port}/{quote(self.db_name or '', safe='')}"
 
     def secrets(self) -> list[str]:
-        """Secret values present in these settings, for masking (see :func:`mask_secrets`)."""
-        found = [v for v in (self.db_password, self.api_key) if v]
-        for url in (self.database_url, self.api_base_url_setting):
-            password = urlsplit(url).password if url else None
-            if password:
-                found.append(password)
+        """Secret values present in these settings, for masking (see :func:`mask_secrets`).
+
+        The value of every setting declared secret, and the password inside every URL setting.
+        """
+        found: list[str] = []
+        for var in VARIABLES:
+            value = getattr(self, var.field)
+            if not value:
+                continue
+            if var.parse.is_url:
+                found.extend(url_passwords(value))
+            elif var.secret:
+                found.append(value)
         return found
+
+
+# Every setting in declaration order (the order of .env.example and the README table).
+VARIABLES: tuple[Setting, ...] = tuple(
+    dataclasses.replace(f.metadata["setting"], field=f.name)
+    for f in dataclasses.fields(Settings)
+    if "setting" in f.metadata
+)
+_BY_NAME = {var.name: var for var in VARIABLES}
+SECRET_NAMES = frozenset(var.name for var in VARIABLES if var.secret)
+
+
+def _shown(var: Setting, value: Any) -> Any:
+    """A setting's value fit to show: secrets as ``***``; a URL keeps all but its password."""
+    if value is None or value == "":
+        return value
+    if var.parse.is_url:
+        return mask_url_password(value)
+    return "***" if var.secret else value
+
+
+def _shown_raw(var: Setting, raw: str) -> str:
+    """A rejected raw value fit to echo in an error message."""
+    if var.secret:
+        return "***"
+    return mask_secrets(raw) if var.parse.is_url else raw
 
 
 def _not_configured(name: str, value: str, settings: Settings) -> ConfigError:
@@ -356,6 +297,23 @@ def _read_env_file(path: Path) -> dict[str, str | None]:
         raise ConfigError(f"Cannot read {path}: {exc.strerror}.", hint="Fix: check the file's permissions.") from None
 
 
+def _env_file_values(
+    given: Mapping[str, Any], environ: Mapping[str, str], env_file: str | os.PathLike[str] | None
+) -> tuple[Path, dict[str, str | None], bool]:
+    """The .env file to read, its values, and whether it was named explicitly."""
+    explicit = env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"The env file {path} does not exist.",
+                hint="Fix: check the path given by --env-file or ENV_FILE, or create it: cp .env.example .env",
+            )
+        return path, _read_env_file(path), True
+    path = Path(".env")
+    return path, (_read_env_file(path) if path.is_file() else {}), False
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -377,19 +335,7 @@ def load_settings(
     unknown = sorted(set(given) - set(_BY_NAME) - {"ENV_FILE"})
     if unknown:
         raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}.")
-
-    explicit_file = env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None
-    if explicit_file:
-        path = Path(explicit_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"The env file {path} does not exist.",
-                hint="Fix: check the path given by --env-file or ENV_FILE, or create it: cp .env.example .env",
-            )
-        file_values = _read_env_file(path)
-    else:
-        path = Path(".env")
-        file_values = _read_env_file(path) if path.is_file() else {}
+    path, file_values, explicit = _env_file_values(given, environ, env_file)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -403,20 +349,17 @@ def load_settings(
             (file_values.get(var.name), str(path)),
         ):
             if candidate is not None and str(candidate).strip() != "":
-                raw, source = candidate, where
+                raw, source = str(candidate), where
                 break
-        if raw is None:
-            raw = var.default
-        if raw is None:
-            values[var.field] = None
+        if raw is None:  # the declared default (already parsed)
+            values[var.field] = Settings.__dataclass_fields__[var.field].default
+            if var.default is not None:
+                sources[var.name] = source
             continue
-        if not isinstance(raw, str):
-            raw = str(raw)
         try:
             values[var.field] = var.parse(raw)
         except ValueError as exc:
-            shown = "***" if var.secret else raw
-            problems.append(f"{var.name} must be {exc}, got {shown!r} (from {source})")
+            problems.append(f"{var.name} must be {exc}, got {_shown_raw(var, raw)!r} (from {source})")
             values[var.field] = None
         sources[var.name] = source
 
@@ -426,14 +369,7 @@ def load_settings(
             hint="Fix: correct the value in .env (or the environment variable / flag named above); "
             "see .env.example for every setting.",
         )
-    return Settings(**values, env_file=str(path) if file_values or explicit_file else None, sources=sources)
-
-
-def _masked(var: _Var, value: Any) -> Any:
-    """A setting's value fit to show: secrets as ``***`` (a URL keeps all but its password)."""
-    if var.secret and value:
-        return mask_url_password(value) if var.name == "DATABASE_URL" else "***"
-    return value
+    return Settings(**values, env_file=str(path) if file_values or explicit else None, sources=sources)
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
@@ -441,22 +377,68 @@ def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
     rows = []
     for var in VARIABLES:
         value = getattr(settings, var.field)
-        shown = "(not set)" if value is None else str(_masked(var, value))
+        shown = "(not set)" if value is None else str(_shown(var, value))
         rows.append((var.name, shown, settings.source_of(var.name)))
     return rows
 
 
-# --- the plan's class-level API, loaded lazily ---
+# --- the README's settings table, generated from the declaration ---
+
+
+def settings_table() -> str:
+    """The README's Configuration table (Markdown), one row per declared setting."""
+    lines = ["| Variable | Default | Values | Meaning |", "|---|---|---|---|"]
+    for var in VARIABLES:
+        default = var.default_doc or ("(none)" if var.default is None else f"`{var.default}`")
+        doc = var.doc
+        if var.example is not None and not var.secret and not is_placeholder(var.example):
+            doc += f" (`.env.example`: `{var.example}`)"
+        cells = (f"`{var.name}`", default, var.parse.values, doc)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_settings_table(readme_text: str) -> str | None:
+    """The generated table as it stands in a README's text (None when the markers are missing)."""
+    start, end = readme_text.find(TABLE_START), readme_text.find(TABLE_END)
+    if start < 0 or end < start:
+        return None
+    return readme_text[start + len(TABLE_START):end].strip("\n") + "\n"
+
+
+def update_readme(path: str | os.PathLike[str] = README) -> bool:
+    """Rewrite the settings table between the README's markers; True when the file changed."""
+    target = Path(path)
+    text = target.read_text(encoding="utf-8")
+    if readme_settings_table(text) is None:
+        raise ConfigError(f"{target} has no generated settings table.",
+                          hint=f"Fix: put the two marker lines around the table:\n{TABLE_START}\n{TABLE_END}")
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    new = f"{before}{TABLE_START}\n{settings_table()}{TABLE_END}{after}"
+    if new == text:
+        return False
+    target.write_text(new, encoding="utf-8")
+    return True
+
+
+# --- the process-wide default settings, for the class-level API and ``python -c`` helpers ---
 
 _cached: Settings | None = None
 
 
 def get_settings(reload: bool = False) -> Settings:
-    """Settings from the environment and .env, loaded once per process."""
+    """Settings from the environment and .env, loaded once per process (see :func:`reset_settings`)."""
     global _cached
     if _cached is None or reload:
         _cached = load_settings()
     return _cached
+
+
+def reset_settings() -> None:
+    """Forget the process-wide default settings; the next use loads them again."""
+    global _cached
+    _cached = None
 
 
 class _ConfigMeta(type):
@@ -468,7 +450,7 @@ class _ConfigMeta(type):
 
 
 class Config(metaclass=_ConfigMeta):
-    """The plan's API: ``Config.API_PORT``, ``Config.get_api_url()``, ``Config.get_db_connection_string()``."""
+    """Class-level API: ``Config.API_PORT``, ``Config.get_api_url()``, ``Config.get_db_connection_string()``."""
 
     @classmethod
     def get_api_url(cls) -> str:
@@ -481,3 +463,21 @@ class Config(metaclass=_ConfigMeta):
     @classmethod
     def reload(cls) -> Settings:
         return get_settings(reload=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python config.py --settings-table`` prints the table; ``--update-readme`` rewrites README.md's."""
+    parser = argparse.ArgumentParser(prog="python config.py", description=main.__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--settings-table", action="store_true", help="print the README's settings table")
+    action.add_argument("--update-readme", action="store_true", help="rewrite the table in README.md")
+    args = parser.parse_args(argv)
+    if args.settings_table:
+        sys.stdout.write(settings_table())
+    else:
+        print("README.md updated" if update_readme() else "README.md is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -184,3 +184,13 @@ class BadResponseError(ModelAPIError):
     """The server answered, but not with the protocol's expected shape."""
 
     code = "BAD_RESPONSE"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the partial answer is kept) but exiting 143.
+
+    Not a PipelineError: like KeyboardInterrupt it must pass through ``except Exception``.
+    """
+
+    code = "TERMINATED"
+    exit_code = ExitCode.TERMINATED

@@ -23,8 +23,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import cli_logging  # noqa: E402
 import config  # noqa: E402
 import db_connector  # noqa: E402
+import model_api_client  # noqa: E402
+import resources  # noqa: E402
 
 INIT_SQL = sorted((REPO_ROOT / "db" / "init").glob("*.sql"))
 # Every variable our settings read, plus ENV_FILE: scrubbed from each test's environment.
@@ -116,13 +119,25 @@ def db(settings: config.Settings) -> Iterator[db_connector.Database]:
     database.close()
 
 
+def reset_process_state() -> None:
+    """Forget every process-wide cache, through each module's public reset, as a new process would.
+
+    The default settings, the default database pool, the pool and client run_pipeline shares,
+    the detected protocols, and any logging handler the command line left on the root logger.
+    """
+    config.reset_settings()
+    db_connector.close_pool()
+    resources.close_resources()
+    model_api_client.clear_detection_cache()
+    cli_logging.remove_log_handlers()
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No user settings leak in: settings variables removed, cwd in an empty folder."""
+    """No user settings leak in: settings variables removed, cwd in an empty folder, caches reset."""
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    config._cached = None
+    reset_process_state()
     yield
-    db_connector.close_pool()
-    config._cached = None
+    reset_process_state()

@@ -24,7 +24,7 @@ def write_env(path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_match_the_shared_guide():
+def test_defaults_are_the_declared_ones():
     s = load_settings(environ={})
     assert (s.api_port, s.model_type, s.max_new_tokens, s.temperature) == (8000, "phi4-quantized", 512, 0.7)
     assert (s.db_host, s.db_port, s.api_timeout, s.api_host) == ("localhost", 5432, 300.0, "0.0.0.0")
@@ -126,7 +126,7 @@ def test_api_url(overrides, url):
     assert load_settings(overrides, environ={}).api_base_url() == url
 
 
-def test_guide_db_placeholders_are_reported():
+def test_example_db_placeholders_are_reported():
     s = load_settings({"DB_NAME": "your_database", "DB_USER": "your_user", "DB_PASSWORD": "your_password"}, environ={})
     with pytest.raises(ConfigError, match="DB_NAME is not configured yet"):
         s.db_connect_kwargs()
@@ -166,9 +166,9 @@ def test_bad_secret_value_is_not_echoed():
     assert "TopSecret" not in str(info.value)
 
 
-def test_config_class_keeps_the_plans_api(tmp_path):
+def test_config_class_level_api(tmp_path):
     write_env(tmp_path / ".env", "PC_IP=10.0.0.5\nAPI_PORT=9000\nDB_USER=me\nDB_PASSWORD=a b\nDB_NAME=shop\n")
-    config._cached = None
+    config.reset_settings()
     assert Config.get_api_url() == "http://10.0.0.5:9000"
     assert Config.get_db_connection_string() == "postgresql://me:a%20b@localhost:5432/shop"
     assert Config.API_PORT == 9000 and Config.MAX_NEW_TOKENS == 512
@@ -188,10 +188,87 @@ def test_importing_modules_reads_no_environment(tmp_path):
 # --- .env.example and docker-compose.yml ----------------------------------------------
 
 
-def test_env_example_documents_every_setting():
-    text = (REPO_ROOT / ".env.example").read_text(encoding="utf-8")
+def env_example_lines() -> list[tuple[str, str, bool]]:
+    """(name, value, active) for every ``NAME=value`` line of .env.example, commented-out ones too."""
+    found = []
+    for line in (REPO_ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(\S*)", line)
+        if match:
+            found.append((match.group(2), match.group(3), match.group(1) is None))
+    return found
+
+
+def test_env_example_lists_every_declared_setting_in_order():
+    assert [name for name, _, _ in env_example_lines()] == [var.name for var in config.VARIABLES]
+
+
+def test_env_example_values_are_the_declared_defaults_or_examples():
+    by_name = {var.name: var for var in config.VARIABLES}
+    for name, value, active in env_example_lines():
+        var = by_name[name]
+        if active:
+            shipped = var.example if var.example is not None else var.default
+            assert value == shipped, f"{name}={value} in .env.example, but config.py declares {shipped!r}"
+        if value:
+            var.parse(value)  # every value shown, commented out or not, is a valid one
+
+
+def test_readme_settings_table_is_generated_from_the_declaration():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = config.readme_settings_table(readme)
+    assert table is not None, "README.md lost the settings table markers"
+    assert table == config.settings_table(), "README.md's settings table is stale: run python config.py --update-readme"
     for var in config.VARIABLES:
-        assert re.search(rf"^#?\s*{var.name}=", text, re.MULTILINE), f"{var.name} missing from .env.example"
+        assert f"| `{var.name}` |" in table
+
+
+def test_update_readme_rewrites_a_stale_table(tmp_path):
+    stale = f"# Title\n\n{config.TABLE_START}\n| Variable |\n| `OLD` |\n{config.TABLE_END}\n\nAfter.\n"
+    readme = write_env(tmp_path / "README.md", stale)
+    assert config.update_readme(readme) is True
+    text = readme.read_text(encoding="utf-8")
+    assert config.readme_settings_table(text) == config.settings_table()
+    assert text.startswith("# Title\n\n") and text.endswith("\n\nAfter.\n") and "`OLD`" not in text
+    assert config.update_readme(readme) is False  # already up to date: left alone
+    with pytest.raises(ConfigError, match="no generated settings table"):
+        config.update_readme(write_env(tmp_path / "other.md", "no markers\n"))
+
+
+def test_settings_table_command_prints_the_table(capsys):
+    assert config.main(["--settings-table"]) == 0
+    assert capsys.readouterr().out == config.settings_table()
+
+
+def test_every_declaration_is_complete_and_its_default_parses():
+    assert len({var.name for var in config.VARIABLES}) == len(config.VARIABLES)
+    defaults = config.Settings()
+    for var in config.VARIABLES:
+        assert var.doc and var.field and "|" not in var.name
+        expected = None if var.default is None else var.parse(var.default)
+        assert getattr(defaults, var.field) == expected
+    assert config.SECRET_NAMES == {"API_KEY", "DB_PASSWORD", "DATABASE_URL"}
+
+
+def test_reset_settings_forgets_the_process_wide_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("API_PORT", "1234")
+    assert config.get_settings().api_port == 1234
+    monkeypatch.setenv("API_PORT", "4321")
+    assert config.get_settings().api_port == 1234 and Config.API_PORT == 1234  # loaded once
+    config.reset_settings()
+    assert config.get_settings().api_port == 4321 and Config.API_PORT == 4321
+
+
+def test_password_in_api_base_url_is_masked_and_listed_as_a_secret():
+    s = load_settings({"API_BASE_URL": "http://bob:Hunter2%21@pc:8000"}, environ={})
+    assert "Hunter2" not in repr(s) and "http://bob:***@pc:8000" in repr(s)
+    assert ("API_BASE_URL", "http://bob:***@pc:8000", "flag") in config.describe_settings(s)
+    assert set(s.secrets()) == {"Hunter2%21", "Hunter2!"}  # as written and percent-decoded
+    with pytest.raises(ConfigError) as info:
+        load_settings({"API_BASE_URL": "http://bob:Hunter2@pc:99999"}, environ={})
+    assert "Hunter2" not in str(info.value) and "bob:***@pc" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"API_BASE_URL": "http://bob:Hunter2@192.168.0.XXX:8000"}, environ={}).api_base_url()
+    assert "Hunter2" not in str(info.value) and "not configured yet" in str(info.value)
 
 
 def test_env_example_loads_and_only_the_pc_address_needs_editing(tmp_path):

@@ -1,55 +1,71 @@
-"""End to end: the script run as a user runs it, against the test database and loopback model servers."""
+"""End to end: the command as a user runs it, against the test database and loopback model servers.
+
+The command runs in-process through ``main(argv, stdin, stdout, stderr)``, with its settings in
+the (monkeypatched) environment and the current directory in a fresh tmp_path; conftest resets
+every process-wide cache between tests. Only the signal tests (SIGINT, SIGTERM) start a real
+process, since a signal must reach a real one.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import config
 import db_to_model_pipeline as pipeline
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SETTING_NAMES, reset_process_state
 from model_servers import FakeOllamaServer, FakeOpenAIServer, FakePCServer, free_port
 
 SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
 ANSWER = "분석 결과: 서울 고객이 가장 많습니다. Seoul has the most customers."
 
 
-@pytest.fixture
-def run(test_db_url, tmp_path):
-    """Run the CLI in a subprocess with a clean environment pointed at the test database."""
+@dataclass
+class CliResult:
+    """What one run of the command returned and printed (like subprocess.CompletedProcess)."""
 
-    def runner(*args: str, env: dict | None = None, stdin: str | None = None, timeout: float = 60):
-        base = {k: v for k, v in os.environ.items() if k not in pipeline_settings_names()}
-        base.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"),
-                     "API_CONNECT_TIMEOUT": "1", "PYTHONIOENCODING": "utf-8"})
-        base.update(env or {})
-        return subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, env=base, input=stdin,
-                              capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(test_db_url, tmp_path, monkeypatch):
+    """Run the command in-process with its settings in the environment, pointed at the test database."""
+
+    def runner(*args: str, env: dict | None = None, stdin: str | None = None) -> CliResult:
+        values = {"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), "API_CONNECT_TIMEOUT": "1"}
+        values.update(env or {})
+        out, err = io.StringIO(), io.StringIO()
+        with monkeypatch.context() as patch:
+            for name, value in values.items():
+                patch.setenv(name, value)
+            code = pipeline.main(list(args), stdin=io.StringIO(stdin or ""), stdout=out, stderr=err)
+        reset_process_state()  # the next run starts like a new process: no pool, no detected protocol
+        return CliResult(code, out.getvalue(), err.getvalue())
 
     return runner
-
-
-def pipeline_settings_names() -> set[str]:
-    import config
-
-    return {var.name for var in config.VARIABLES} | {"ENV_FILE"}
 
 
 def posts(server) -> list:
     return [r for r in server.requests if r.method == "POST"]
 
 
-# --- the plan's commands, and each protocol ---------------------------------------------
+# --- the README's commands, and each protocol ---------------------------------------------
 
 
-def test_plan_command_select_1(run):
+def test_readme_command_select_1(run):
     with FakePCServer(answer=ANSWER) as srv:
         result = run("--query", "SELECT 1 as test", env={"API_BASE_URL": srv.base_url})
     assert result.returncode == 0, result.stderr
@@ -60,7 +76,7 @@ def test_plan_command_select_1(run):
     assert "system_prompt" not in sent  # the pc server rejects null: the key is left out
 
 
-def test_plan_command_with_korean_template(run):
+def test_readme_command_with_korean_template(run):
     with FakePCServer(answer=ANSWER) as srv:
         result = run("--query", "SELECT name, city FROM customers ORDER BY id LIMIT 3",
                      "--template", "다음 데이터를 분석해주세요: {data}", env={"API_BASE_URL": srv.base_url})
@@ -71,7 +87,7 @@ def test_plan_command_with_korean_template(run):
     assert result.stdout.strip() == ANSWER
 
 
-def test_plan_command_with_table_placeholder_explains_itself(run):
+def test_table_placeholder_in_a_query_explains_itself(run):
     result = run("--query", "SELECT * FROM table LIMIT 10", "--dry-run")
     assert result.returncode == 4
     assert '"table" in the examples stands for your table' in result.stderr
@@ -271,10 +287,12 @@ def test_exit_codes_for_bad_input(run, args, env, code, message):
 
 
 def test_exit_5_when_server_is_down_and_6_on_server_errors(run):
-    down = run("--query", "SELECT 1", "--protocol", "pc", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    # One attempt: the retries and their backoff are the client's tests; this one is about exit codes.
+    down = run("--query", "SELECT 1", "--protocol", "pc", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}",
+                                                               "API_MAX_ATTEMPTS": "1"})
     assert down.returncode == 5 and "[CONNECTION_ERROR]" in down.stderr and "firewall" in down.stderr
-    with FakePCServer(delay=3) as srv:
-        slow = run("--query", "SELECT 1", "--timeout", "1", env={"API_BASE_URL": srv.base_url})
+    with FakePCServer(delay=3) as srv:  # always later than the 0.3 s read timeout, however loaded the machine
+        slow = run("--query", "SELECT 1", "--timeout", "0.3", env={"API_BASE_URL": srv.base_url})
     assert slow.returncode == 5 and "[TIMEOUT_ERROR]" in slow.stderr and "API_TIMEOUT" in slow.stderr
     with FakePCServer(html_error=502, fail_first=100) as srv:
         html = run("--query", "SELECT 1", "--protocol", "pc", env={"API_BASE_URL": srv.base_url,
@@ -328,7 +346,7 @@ def test_log_file_default_level_has_no_sql(run, tmp_path):
     assert result.returncode == 0
     log = (tmp_path / "client.log").read_text(encoding="utf-8")
     assert "Query returned 1 row(s)" in log and "SQL:" not in log
-    assert " - db_connector - INFO - " in log  # the guide's format
+    assert " - db_connector - INFO - " in log  # time - pid - logger - level - message
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------
@@ -340,7 +358,7 @@ def _start(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
 
 
 def _env(test_db_url: str, tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in pipeline_settings_names()}
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
     env.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), **extra})
     return env
 
@@ -433,7 +451,7 @@ def test_check_warns_when_env_file_with_a_password_is_world_readable(run, tmp_pa
 
 def test_json_failure_keeps_the_rows_and_stats(run):
     with FakePCServer(delay=3) as srv:
-        result = run("--query", "SELECT name FROM customers ORDER BY id", "--json", "--timeout", "1",
+        result = run("--query", "SELECT name FROM customers ORDER BY id", "--json", "--timeout", "0.3",
                      env={"API_BASE_URL": srv.base_url})
     assert result.returncode == 5
     doc = json.loads(result.stdout)
@@ -442,15 +460,37 @@ def test_json_failure_keeps_the_rows_and_stats(run):
     assert doc["prompt_chars"] > 0 and doc["stats"]["db_time"] is not None
 
 
-def test_password_in_the_server_url_never_reaches_stderr_or_json(run):
+def test_password_in_the_server_url_never_reaches_stderr_json_or_log(run, tmp_path):
     url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{free_port()}"
     plain = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, env={"API_MAX_ATTEMPTS": "1"})
     as_json = run("--query", "SELECT 1", "--protocol", "pc", "--api-url", url, "--json", "-v",
                   env={"API_MAX_ATTEMPTS": "1"})
     assert plain.returncode == 5 and as_json.returncode == 5
     assert "bob:***@127.0.0.1" in plain.stderr  # the URL is still shown, its password is not
-    for text in (plain.stderr, plain.stdout, as_json.stderr, as_json.stdout):
+    assert "bob:***@127.0.0.1" in json.loads(as_json.stdout)["error"]["message"]
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert "bob:***@127.0.0.1" in log
+    for text in (plain.stderr, plain.stdout, as_json.stderr, as_json.stdout, log):
         assert "Hunter2-Sentinel" not in text
+
+
+@pytest.mark.parametrize("server_up", [True, False], ids=["server-up", "server-down"])
+def test_check_masks_a_password_in_api_base_url_on_every_channel(run, tmp_path, server_up):
+    with FakeOllamaServer() as srv:
+        port = srv.port if server_up else free_port()
+        url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{port}"
+        result = run("--check", "-v", env={"API_BASE_URL": url, "API_MAX_ATTEMPTS": "1"})
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert result.returncode == (0 if server_up else 5), result.stdout
+    server_line = next(line for line in result.stdout.splitlines() if " model server: " in line)
+    assert server_line.startswith("[ OK ]" if server_up else "[FAIL]")
+    assert f"http://bob:***@127.0.0.1:{port}" in server_line  # the URL is shown, its password is not
+    if not server_up:
+        assert f"(tried http://bob:***@127.0.0.1:{port})" in result.stdout  # the hint's URL too
+    for channel in (result.stderr, log):  # -v: the requests' URLs are logged on stderr and in the file
+        assert f"bob:***@127.0.0.1:{port}" in channel
+    for channel in (result.stdout, result.stderr, log):
+        assert "Hunter2-Sentinel" not in channel
 
 
 def test_percent_in_a_comment_with_parameters(run):
@@ -478,3 +518,57 @@ def test_main_in_process_restores_signal_handler_and_logging(test_db_url, monkey
     assert "| 1 |" in out.getvalue()
     assert signal.getsignal(signal.SIGTERM) is before_handler
     assert logging.getLogger().handlers == before_handlers
+
+
+# --- --output -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "message", "fix"),
+    [
+        ("missing/answer.txt", "--output missing/answer.txt: the directory missing does not exist.", "mkdir -p missing"),
+        ("a_folder", "--output a_folder is a directory.", "name a file"),
+        ("a_folder/", "--output a_folder/ is a directory.", "name a file"),
+    ],
+)
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--dry-run"]], ids=["plain", "json", "dry-run"])
+def test_output_that_cannot_be_written_is_a_usage_error_before_anything_runs(run, tmp_path, target, message, fix,
+                                                                               mode):
+    (tmp_path / "a_folder").mkdir()
+    with FakePCServer(answer=ANSWER) as srv:
+        # The query would fail with exit 4 if it ran: the usage error comes first.
+        result = run("--query", "SELECT nope FROM customers", "--output", target, *mode,
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 2, result.stderr
+    assert f"Error [USAGE_ERROR]: {message}" in result.stderr and fix in result.stderr
+    assert "This is a bug" not in result.stderr and "does not exist\"" not in result.stderr
+    assert srv.requests == []  # no model call, not even a probe
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "client.log"]  # no file, no .partial
+    assert list((tmp_path / "a_folder").iterdir()) == []
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_output_replacing_a_file_keeps_its_mode_and_a_new_file_follows_the_umask(run, tmp_path):
+    for name, mode in (("shared.txt", 0o644), ("group.txt", 0o640), ("private.txt", 0o600)):
+        (tmp_path / name).write_text("old answer", encoding="utf-8")
+        (tmp_path / name).chmod(mode)
+    previous = os.umask(0o022)
+    try:
+        with FakePCServer(answer=ANSWER) as srv:
+            for name in ("shared.txt", "group.txt", "private.txt", "new.txt"):
+                assert run("--query", "SELECT 1 AS x", "--output", name, env={"API_BASE_URL": srv.base_url}
+                           ).returncode == 0
+            os.umask(0o077)
+            assert run("--query", "SELECT 1 AS x", "--json", "--output", "new_private.json",
+                       env={"API_BASE_URL": srv.base_url}).returncode == 0
+    finally:
+        os.umask(previous)
+    modes = {name: _mode(tmp_path / name) for name in
+             ("shared.txt", "group.txt", "private.txt", "new.txt", "new_private.json")}
+    assert modes == {"shared.txt": 0o644, "group.txt": 0o640, "private.txt": 0o600, "new.txt": 0o644,
+                     "new_private.json": 0o600}
+    assert (tmp_path / "shared.txt").read_text(encoding="utf-8") == ANSWER
+    assert not list(tmp_path.glob(".*.tmp"))

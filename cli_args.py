@@ -1,0 +1,230 @@
+"""The command line's parse step: flags -> a checked :class:`Command`.
+
+:func:`parse_arguments` runs argparse; :func:`prepare` reads what the flags point at (the SQL,
+template, context and system prompt files, standard input) and checks everything that can be
+checked before the database or the model server is contacted: a refused write, a template
+typo, an ``--output`` that could not be written, an unconfigured model server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import config
+import prompt_builder
+from cli_output import check_output_path
+from config import Settings
+from db_connector import check_read_only_query
+from errors import UsageError
+from runner import DEFAULT_FETCH_ROWS, Question
+
+EPILOG = """\
+examples:
+  %(prog)s --query "SELECT 1 as test"
+  %(prog)s --query "SELECT * FROM reviews LIMIT 10"
+  %(prog)s --query "SELECT * FROM reviews" --template "다음 데이터를 분석해주세요: {data}"
+  %(prog)s --query-file examples/low_rated_reviews.sql --param max_rating=2 --output answer.txt
+  %(prog)s --query "SELECT * FROM customers WHERE city = %%(city)s" --param city=서울 --format csv
+  echo "SELECT * FROM product_review_summary" | %(prog)s --json > result.json
+  %(prog)s --query "SELECT * FROM orders" --dry-run          # show the prompt, send nothing
+  %(prog)s --check                                           # doctor: settings, database, model server
+
+template placeholders: {data} {context} {row_count} {columns} {query}
+  other braces (JSON examples) stay as written; {{data}} writes a literal {data}
+parameters: --param city=서울 binds %%(city)s in the SQL (values are never pasted into the SQL)
+
+exit codes:
+  0 success            3 database connection error    6 model server error or bad response
+  1 internal error     4 query error or refused write 130 interrupted (Ctrl-C)
+  2 usage/config error 5 model server unreachable or timed out   143 terminated (SIGTERM)
+"""
+
+# Flags that set a setting, by the variable they override (flags beat the environment and .env).
+SETTING_FLAGS = {
+    "API_BASE_URL": "api_url", "API_PROTOCOL": "protocol", "MODEL_NAME": "model", "API_TIMEOUT": "timeout",
+    "MAX_NEW_TOKENS": "max_new_tokens", "TEMPERATURE": "temperature", "LOG_FILE": "log_file",
+    "ENV_FILE": "env_file",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python db_to_model_pipeline.py",
+        description="Run a read-only SQL query, turn the rows into a prompt, send it to the LLM server\n"
+        "on the PC (this project's FastAPI server, Ollama or OpenAI-compatible) and print the answer.\n"
+        "The answer goes to stdout; progress and statistics go to stderr. Settings: .env (see README).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _query_options(parser.add_argument_group("query"))
+    _prompt_options(parser.add_argument_group("prompt"))
+    _model_options(parser.add_argument_group("model server (override .env)"))
+    _output_options(parser.add_argument_group("output and modes"))
+    return parser
+
+
+def _query_options(q: argparse._ArgumentGroup) -> None:
+    source = q.add_mutually_exclusive_group()
+    source.add_argument("--query", metavar="SQL", help='one SELECT statement; "-" reads it from stdin')
+    source.add_argument("--query-file", metavar="FILE", help="read the SQL from a .sql file (UTF-8)")
+    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="bind a value to %%(NAME)s in the SQL (repeatable)")
+    q.add_argument("--max-rows", type=positive_int, default=DEFAULT_FETCH_ROWS, metavar="N",
+                   help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,})")
+
+
+def _prompt_options(p: argparse._ArgumentGroup) -> None:
+    template = p.add_mutually_exclusive_group()
+    template.add_argument("--template", metavar="TEXT", help="prompt template, e.g. '다음 데이터를 분석해주세요: {data}'")
+    template.add_argument("--template-file", metavar="FILE", help="read the template from a UTF-8 file")
+    context = p.add_mutually_exclusive_group()
+    context.add_argument("--context", metavar="TEXT", help="additional context for {context}")
+    context.add_argument("--context-file", metavar="FILE", help="read the additional context from a file")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--system-prompt", metavar="TEXT", help="system prompt sent with the prompt")
+    system.add_argument("--system-prompt-file", metavar="FILE", help="read the system prompt from a file")
+    p.add_argument("--format", choices=prompt_builder.FORMATS, default="markdown",
+                   help="how rows appear in the prompt (default markdown)")
+    p.add_argument("--prompt-rows", type=positive_int, metavar="N", help="put at most N rows in the prompt")
+    p.add_argument("--prompt-budget", type=positive_int, metavar="TOKENS",
+                   help="bound the prompt's estimated tokens (default: MODEL_CONTEXT_TOKENS - MAX_NEW_TOKENS - margin)")
+    p.add_argument("--prompt-max-chars", type=positive_int, metavar="N", help="bound the prompt's characters")
+    p.add_argument("--max-cell-chars", type=positive_int, default=prompt_builder.DEFAULT_MAX_CELL_CHARS,
+                   metavar="N", help=f"shorten longer values (default {prompt_builder.DEFAULT_MAX_CELL_CHARS})")
+
+
+def _model_options(m: argparse._ArgumentGroup) -> None:
+    m.add_argument("--api-url", metavar="URL", help="server base URL (API_BASE_URL), e.g. http://192.168.0.10:11434")
+    m.add_argument("--protocol", choices=config.PROTOCOLS, help="API_PROTOCOL (default auto-detect)")
+    m.add_argument("--model", metavar="NAME", help="MODEL_NAME for Ollama/OpenAI-compatible servers")
+    m.add_argument("--timeout", metavar="SECONDS", help="API_TIMEOUT: how long to wait for the answer")
+    m.add_argument("--max-new-tokens", metavar="N", help="MAX_NEW_TOKENS: answer length")
+    m.add_argument("--temperature", metavar="T", help="TEMPERATURE (0 to 2; the pc server needs > 0)")
+    stream = m.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="print the answer as it is generated (default when stdout is a terminal); "
+                        "with --json, receive it in pieces so an interrupted run keeps the partial answer")
+    stream.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
+
+
+def _output_options(o: argparse._ArgumentGroup) -> None:
+    o.add_argument("--json", action="store_true", help="print one JSON object (answer, stats, rows) on stdout")
+    o.add_argument("--output", metavar="FILE", help="also save the answer (or the JSON with --json) to FILE")
+    o.add_argument("--dry-run", action="store_true", help="print the prompt that would be sent; contact no model server")
+    o.add_argument("--check", action="store_true", help="check settings, database and model server, then exit")
+    o.add_argument("--env-file", metavar="FILE", help="read settings from FILE instead of ./.env")
+    o.add_argument("--log-file", metavar="FILE", help="LOG_FILE (default laptop_client.log; '' for none)")
+    verbosity = o.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (SQL included) and tracebacks")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress or statistics on stderr")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of 1 or more, got {value}")
+    return value
+
+
+def parse_arguments(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) -> argparse.Namespace | int:
+    """The parsed flags, or the exit code when argparse stopped (``--help``: 0, a bad flag: 2).
+
+    argparse prints help and usage errors itself; they go to the given streams.
+    """
+    with redirect_stdout(stdout), redirect_stderr(stderr):  # type: ignore[type-var]
+        try:
+            return build_parser().parse_args(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given by flags, for :func:`config.load_settings` (None: not given)."""
+    return {name: getattr(args, attribute) for name, attribute in SETTING_FLAGS.items()}
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the command line asked for, with every input read and checked."""
+
+    settings: Settings
+    question: Question
+    dry_run: bool
+    stream: bool  # receive the answer in pieces
+    echo: bool  # print the pieces as they arrive (streaming without --json)
+    json: bool
+    output: str | None
+
+
+def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_is_terminal: bool) -> Command:
+    """Read the inputs the flags name and check them; raises UsageError, QueryError, PromptError, ConfigError."""
+    query = _resolve_query(args, stdin)
+    params = _parse_params(args.param)
+    template = _read_text_file(args.template_file, "template") if args.template_file else args.template
+    context = _read_text_file(args.context_file, "context") if args.context_file else args.context
+    system_prompt = (_read_text_file(args.system_prompt_file, "system prompt")
+                     if args.system_prompt_file else args.system_prompt)
+    if args.output:
+        check_output_path(args.output)  # not after a long generation
+    check_read_only_query(query)  # a refused write fails before anything else runs
+    if template is not None:
+        prompt_builder.check_template(template)  # a typo fails before the query runs
+    if not args.dry_run:
+        settings.api_base_url()  # an unconfigured PC_IP fails before the query runs
+    question = Question(
+        query, template, context, params=params, system_prompt=system_prompt, data_format=args.format,
+        fetch_rows=args.max_rows, prompt_rows=args.prompt_rows, prompt_tokens=args.prompt_budget,
+        prompt_chars=args.prompt_max_chars, max_cell_chars=args.max_cell_chars,
+    )
+    # With --json the pieces are collected, not printed: stdout carries one JSON object, and an
+    # interrupted --json --stream run still reports what had arrived.
+    stream = args.stream if args.stream is not None else (stdout_is_terminal and not args.json)
+    return Command(settings, question, dry_run=args.dry_run, stream=stream, echo=stream and not args.json,
+                   json=args.json, output=args.output)
+
+
+def _read_text_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"The {what} file {path} does not exist.", hint="Fix: check the path.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"The {what} file {path} is not UTF-8.", hint="Fix: save it as UTF-8.") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read the {what} file {path}: {exc.strerror}.") from None
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, str] | None:
+    params: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UsageError(
+                f"--param {item!r} is not NAME=VALUE.",
+                hint="Fix: write --param city=서울 and use %(city)s in the SQL.",
+            )
+        params[name] = value
+    return params or None
+
+
+def _resolve_query(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.query_file:
+        return _read_text_file(args.query_file, "query")
+    if args.query and args.query != "-":
+        return args.query
+    if args.query == "-" or not stdin.isatty():
+        text = stdin.read()
+        if text.strip():
+            return text
+    raise UsageError(
+        "No query given.",
+        hint='Fix: pass --query "SELECT ...", --query-file FILE.sql, or pipe the SQL into standard input.',
+    )

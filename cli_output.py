@@ -1,0 +1,166 @@
+"""What the command line writes: the answer file, the statistics line, the --json document.
+
+Files named by ``--output`` are checked before anything runs (:func:`check_output_path`) and
+written atomically (:func:`write_atomically`): a temporary file in the same directory, then a
+rename, so an interruption never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random_names
+import stat
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TextIO
+
+import config
+from errors import PipelineError, Terminated, UsageError
+from runner import RunResult
+
+
+class MaskedStream:
+    """A text stream that hides secrets in everything written through it."""
+
+    def __init__(self, stream: TextIO, secrets: Sequence[str] = ()) -> None:
+        self._stream = stream
+        self.secrets: list[str] = list(secrets)
+
+    def write(self, text: str) -> int:
+        return self._stream.write(config.mask_secrets(text, self.secrets))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def check_output_path(path: str) -> None:
+    """Fail now, as a usage error, if ``--output FILE`` could not be written after the run.
+
+    Raises UsageError when FILE is a directory, its directory does not exist, or that
+    directory is not writable (the answer is written there through a temporary file).
+    """
+    target = Path(path)
+    directory = target.parent
+    if target.is_dir():
+        raise UsageError(f"--output {path} is a directory.",
+                         hint=f"Fix: name a file, e.g. --output {target / 'answer.txt'}")
+    if not directory.is_dir():
+        raise UsageError(
+            f"--output {path}: the directory {directory} does not exist.",
+            hint=f"Fix: create it first (mkdir -p {directory}) or choose a file in an existing directory.",
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path}: the directory {directory} is not writable.",
+                         hint="Fix: choose a file in a directory you may write to.")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write UTF-8 text so that an interruption never leaves a half-written file.
+
+    Replacing an existing file keeps that file's permission bits. A new file gets the mode any
+    program's new file gets (0666 less the umask, e.g. 0644), as with shell redirection.
+    """
+    target = Path(path)
+    try:
+        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = _create_temporary(target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """A new hidden file beside ``target``, created 0666 less the umask (the kernel applies it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{random_names.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+# --- statistics and the --json document ----------------------------------------------------
+
+
+def _fmt_seconds(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, (int, float)) else "?"
+
+
+def format_stats(stats: Mapping[str, Any]) -> str:
+    """One short human-readable line for stderr."""
+    rows = f"rows {stats.get('rows_shown', 0):,}/{stats.get('rows_total', 0):,}"
+    if stats.get("more_rows"):
+        rows += "+"
+    parts = [rows]
+    if stats.get("prompt_chars") is not None:
+        parts.append(f"prompt {stats['prompt_chars']:,} chars ~{stats.get('prompt_tokens_estimate', 0):,} tokens")
+    if stats.get("protocol"):
+        parts.append(f"{stats['protocol']}:{stats.get('model') or '?'}")
+    if stats.get("wall_time") is not None:
+        timing = f"time {_fmt_seconds(stats['wall_time'])}"
+        if stats.get("generation_time") is not None:
+            timing += f" (generation {_fmt_seconds(stats['generation_time'])})"
+        parts.append(timing)
+    tokens = [f"{label} {stats[key]:,}" for key, label in (("input_tokens", "in"), ("generated_tokens", "out"))
+              if isinstance(stats.get(key), int)]
+    if tokens:
+        parts.append("tokens " + " / ".join(tokens))
+    if isinstance(stats.get("tokens_per_second"), (int, float)):
+        parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
+    return " | ".join(parts)
+
+
+def json_document(run: RunResult | None, answer: str | None, error: dict[str, Any] | None = None,
+                  complete: bool = True) -> dict[str, Any]:
+    """The --json object for a run (None: the run never started, e.g. a usage error)."""
+    stats = run.stats() if run is not None else {}
+    prompt = run.prompt if run is not None else None
+    return {
+        "ok": error is None,
+        "answer": answer,
+        "complete": complete,
+        "rows_shown": run.rows_shown if run is not None else 0,
+        "rows_total": run.rows_total if run is not None else 0,
+        "more_rows": bool(run and run.more_rows),
+        "truncated": bool(run and run.truncated),
+        "prompt_chars": prompt.char_count if prompt else None,
+        "prompt_tokens_estimate": prompt.estimated_tokens if prompt else None,
+        "protocol": stats.get("protocol"),
+        "model": stats.get("model"),
+        "stats": {k: v for k, v in stats.items() if k not in ("prompt", "prompt_warnings")},
+        "query": run.query if run is not None else None,
+        "error": error,
+    }
+
+
+def error_info(error: BaseException, secrets: Sequence[str]) -> dict[str, Any]:
+    """The ``error`` object of the --json document, secrets masked."""
+    if isinstance(error, Terminated):
+        return {"code": "TERMINATED", "message": "Terminated by SIGTERM.", "hint": None}
+    if not isinstance(error, PipelineError):
+        return {"code": "INTERRUPTED", "message": "Interrupted (Ctrl-C).", "hint": None}
+    return {
+        "code": error.code,
+        "message": config.mask_secrets(error.message, secrets),
+        "hint": config.mask_secrets(error.hint, secrets) if error.hint else None,
+    }

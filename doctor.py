@@ -1,0 +1,118 @@
+"""``--check``: the settings, the database and the model server, one line each with the fix.
+
+Every line goes through a masking stream, so a password in ``DATABASE_URL``, ``API_BASE_URL``,
+``DB_PASSWORD`` or ``API_KEY`` never reaches the output, whichever message carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, TextIO
+
+import config
+from cli_output import MaskedStream
+from config import Settings
+from db_connector import Database
+from errors import ConfigError, DBConnectionError, ExitCode, QueryError
+
+logger = logging.getLogger(__name__)
+
+
+class _Report:
+    """Writes ``[ OK ]`` / ``[FAIL]`` / ``[WARN]`` lines and remembers the failures' exit codes."""
+
+    def __init__(self, out: MaskedStream) -> None:
+        self.out = out
+        self.failures: list[ExitCode] = []
+
+    def line(self, ok: bool | None, what: str, detail: str, fix: str | None = None) -> None:
+        mark = {True: "[ OK ]", False: "[FAIL]", None: "[WARN]"}[ok]
+        self.out.write(f"{mark} {what}: {detail}\n")
+        if fix:
+            self.out.write("       " + fix.replace("\n", "\n       ") + "\n")
+
+    def fail(self, code: ExitCode, what: str, detail: str, fix: str | None = None) -> None:
+        self.line(False, what, detail, fix)
+        self.failures.append(code)
+
+    def exit_code(self) -> ExitCode:
+        return self.failures[0] if self.failures else ExitCode.OK
+
+
+def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
+    """``--check``: one line per check, with the fix for each failure; the first failure's exit code."""
+    report = _Report(MaskedStream(out))
+    try:
+        settings = config.load_settings(overrides)
+    except ConfigError as exc:
+        report.fail(ExitCode.USAGE, "settings", exc.message, exc.hint)
+        report.line(False, "database", "not checked (settings are invalid)")
+        report.line(False, "model server", "not checked (settings are invalid)")
+        return report.exit_code()
+    report.out.secrets = settings.secrets()
+    report.line(True, "settings", f"loaded from {settings.env_file or 'environment and defaults (no .env file)'}")
+    exposed = readable_secrets_file(settings)
+    if exposed:
+        report.line(None, "settings", exposed, f"Fix: chmod 600 {settings.env_file}")
+    _check_database(settings, report)
+    _check_model_server(settings, report)
+    return report.exit_code()
+
+
+def _check_database(settings: Settings, report: _Report) -> None:
+    database = Database(settings)
+    try:
+        info = database.server_info()
+    except (ConfigError, DBConnectionError, QueryError) as exc:
+        report.fail(ExitCode(exc.exit_code), "database", exc.message, exc.hint)
+        return
+    finally:
+        database.close()
+    report.line(True, "database", f"connected to {settings.db_display()} (PostgreSQL {info['server_version']})")
+    if info["read_only"]:
+        report.line(True, "read-only", "sessions default to read-only; every query runs in a READ ONLY transaction")
+    else:
+        report.fail(ExitCode.QUERY, "read-only", "the session is not read-only", "Fix: report this as a bug.")
+    if info["superuser"]:
+        report.line(None, "database role", f"{info['user']} is a superuser: read-only is only a safety net",
+                    "Tip: connect as a SELECT-only role (README: 'Read-only by design, and a SELECT-only role').")
+
+
+def _check_model_server(settings: Settings, report: _Report) -> None:
+    import model_api_client  # imports requests: only when the model server is checked
+
+    try:
+        base_url = config.mask_url_password(settings.api_base_url())
+    except ConfigError as exc:
+        report.fail(ExitCode.USAGE, "model server", exc.message, exc.hint)
+        return
+    with model_api_client.ModelAPIClient(settings) as client:
+        health = client.check_health()
+    if not health.reachable:
+        report.fail(ExitCode.MODEL_UNREACHABLE, "model server", f"{base_url}: {health.detail}", health.fix)
+        return
+    report.line(True, "model server", f"{base_url} answers")
+    if not health.protocol:
+        report.fail(ExitCode.MODEL_ERROR, "protocol", health.detail, health.fix)
+        return
+    report.line(True, "protocol", health.protocol + (" (detected)" if settings.api_protocol == "auto" else ""))
+    name = health.model_name or settings.model_name
+    if health.model_ready:
+        report.line(True, "model", f"{name} is ready")
+    else:
+        report.fail(ExitCode.MODEL_ERROR, "model", health.detail, health.fix)
+
+
+def readable_secrets_file(settings: Settings) -> str | None:
+    """Say so when the .env file holding a password or key is readable by other users."""
+    if not settings.env_file or os.name != "posix":
+        return None
+    held = [name for name in sorted(config.SECRET_NAMES) if settings.source_of(name) == settings.env_file]
+    try:
+        mode = os.stat(settings.env_file).st_mode & 0o777
+    except OSError:
+        return None
+    if held and mode & 0o077:
+        return f"{settings.env_file} holds {', '.join(held)} but other users can read it (mode {mode:o})"
+    return None
