@@ -4,7 +4,7 @@ This module is pure: rows and a template in, a string out. It reads no
 environment, opens no connection, and touches the file system only in
 :func:`load_template`, when asked to.
 
-Input is the shared guide's query-result shape::
+Input is the usual query-result shape::
 
     {"query": "SELECT ...", "results": [{column: value, ...}, ...], "row_count": N}
 
@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from errors import PromptError
+from token_count import estimate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ PLACEHOLDERS = ("data", "context", "row_count", "columns", "query")
 
 #: Phi-4's window, shared by the prompt and the answer.
 DEFAULT_CONTEXT_TOKENS = 16384
-#: The shared guide's default answer length (``MAX_NEW_TOKENS``).
+#: The default answer length (``MAX_NEW_TOKENS``).
 DEFAULT_MAX_NEW_TOKENS = 512
 #: Kept free for the chat template's own tokens (``<|im_start|>user<|im_sep|>`` ...).
 DEFAULT_RESERVE_TOKENS = 64
@@ -80,72 +81,6 @@ DEFAULT_RESERVE_TOKENS = 64
 DEFAULT_MAX_CELL_CHARS = 500
 
 ELLIPSIS = "…"
-
-# ---------------------------------------------------------------------------
-# Token estimate
-# ---------------------------------------------------------------------------
-
-_LETTER_RUN = re.compile(r"[A-Za-z]+")
-_DIGIT_RUN = re.compile(r"[0-9]+")
-_SPACE_BEFORE_DIGIT = re.compile(r" (?=[0-9])")
-_SPACE_RUN = re.compile(r" {2,}")
-_HANGUL_RUN = re.compile("[\uac00-\ud7a3]+")
-# A letter run that looks random (hashes, codes, base64): five consonants in a
-# row (y counts as a vowel) or two lower-to-upper case changes.
-_CONSONANTS_5 = re.compile(r"[b-df-hj-np-tv-xzB-DF-HJ-NP-TV-XZ]{5}")
-_LOWER_UPPER = re.compile(r"[a-z][A-Z]")
-_RANDOM_RUN = re.compile(
-    r"(?<![A-Za-z])(?=[A-Za-z]*?(?:[b-df-hj-np-tv-xzB-DF-HJ-NP-TV-XZ]{5}|[a-z][A-Z][A-Za-z]*?[a-z][A-Z]))[A-Za-z]+"
-)
-
-
-def estimate_tokens(text: str) -> int:
-    """Estimate the tokens ``text`` costs in Phi-4's vocabulary, erring high.
-
-    Phi-4's tokenizer is tiktoken's ``cl100k_base`` byte-level BPE plus special
-    tokens. The rule adds up:
-
-    * each run of ASCII letters: 1 token per 4 letters, rounded up; a run that
-      looks random (five consonants in a row, y counting as a vowel, or two
-      lower-to-upper case changes, as in hashes and codes): 1 per 2 letters;
-    * each run of digits: 1 token per 3 digits, rounded up (cl100k splits
-      numbers into groups of at most three);
-    * every other ASCII character (punctuation, newline, tab, control): 1;
-      a blank is free, except 1 when a digit follows it, and runs of blanks
-      cost 1 per 4;
-    * each Hangul syllable: 2 (real Korean text averages about 1.5 in
-      cl100k; rare syllables alone reach 3);
-    * every other non-ASCII character: its UTF-8 length in bytes (2-4), the
-      byte-level worst case.
-
-    Against real cl100k counts the estimate is 1.2-1.6x for the realistic
-    Korean/English shop rows of the benchmark in every format, ~1.4x for
-    Korean text, ~1.5x for English prose, and exact for numbers, timestamps
-    and uuids. It can undercount random-looking letter strings (hashes,
-    base64: ~0.75x on average) and rare Hangul syllables (a short name can
-    reach 0.8x); a prompt made mostly of those may need a smaller budget.
-    """
-    if not text:
-        return 0
-    if text.isascii():
-        ascii_chars = len(text)
-        total = 0
-    else:
-        ascii_chars = len(text.encode("ascii", "ignore"))
-        non_ascii_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
-        total = non_ascii_bytes - sum(map(len, _HANGUL_RUN.findall(text)))
-    letters = _LETTER_RUN.findall(text)
-    digits = _DIGIT_RUN.findall(text)
-    other = ascii_chars - sum(map(len, letters)) - sum(map(len, digits)) - text.count(" ")
-    total += other + len(_SPACE_BEFORE_DIGIT.findall(text))
-    total += sum([(len(run) + 3) >> 2 for run in letters])
-    if _CONSONANTS_5.search(text) or _LOWER_UPPER.search(text):  # cheap pre-check
-        for run in _RANDOM_RUN.findall(text):  # 1 per 2 letters instead of 1 per 4
-            total += ((len(run) + 1) >> 1) - ((len(run) + 3) >> 2)
-    total += sum([(len(run) + 2) // 3 for run in digits])
-    total += sum([(len(run) + 3) >> 2 for run in _SPACE_RUN.findall(text)])
-    return total
-
 
 def default_token_budget(
     context_tokens: int = DEFAULT_CONTEXT_TOKENS,
