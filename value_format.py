@@ -13,7 +13,14 @@ Four formats (:data:`FORMATS`). Rendering rules (the same in every format unless
   ``\\n`` line ends. NULL is the bare word ``NULL``; the text ``NULL``, the
   empty text, and texts containing ``,`` ``"`` line breaks or leading/trailing
   blanks are always quoted. So an unquoted ``NULL`` is SQL NULL, ``"NULL"`` is
-  text, ``""`` is the empty string.
+  text, ``""`` is the empty string. RFC 4180 has no escapes, but a raw ESC,
+  BEL or DEL would reach the model and, in ``--dry-run``, the terminal, so
+  inside a field the control characters other than tab, LF and CR
+  (U+0000-U+001F, U+007F) are written ``\\xNN``, as in Markdown and records,
+  and for that to stay unambiguous a backslash is written ``\\\\``. Tab and
+  line breaks stay raw inside a quoted field, as RFC 4180 allows. Reading a
+  field back: undo the quoting, then turn ``\\\\`` into ``\\`` and ``\\xNN``
+  into its character.
 * JSON is JSON Lines: one object per row, keys in the query's column order.
   Non-finite floats and Decimals become the strings ``"NaN"``, ``"Infinity"``,
   ``"-Infinity"`` (JSON has no such numbers); Decimals are exact numbers.
@@ -69,6 +76,9 @@ _MD_SPECIAL = re.compile("[\\\\|\x00-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")
 # cannot be encoded as UTF-8.
 _JSON_SPECIAL = re.compile("[\x85\u2028\u2029\ud800-\udfff]")
 _CSV_NEEDS_QUOTES = re.compile('[,"\r\n\x85\u2028\u2029]|^[ \t]|[ \t]$')
+# In CSV: a backslash, and the control characters a CSV reader cannot take raw.
+_CSV_SPECIAL = re.compile("[\\\\\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CSV_ESCAPES = {ord("\\"): "\\\\", **{cp: f"\\x{cp:02x}" for cp in [*range(0x20), 0x7F] if chr(cp) not in "\t\n\r"}}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -247,6 +257,8 @@ def _csv_field(value: Any, limit: int | None) -> str:
     if value is None:
         return "NULL"
     text = encodable(_shorten(plain_text(value), limit))
+    if _CSV_SPECIAL.search(text):
+        text = text.translate(_CSV_ESCAPES)
     if not text or text == "NULL" or _CSV_NEEDS_QUOTES.search(text):
         return '"' + text.replace('"', '""') + '"'
     return text

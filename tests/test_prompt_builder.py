@@ -254,9 +254,10 @@ VALUE_CASES = [
     ('"quoted"', '""quoted""', '"\\"quoted\\""', '"""quoted"""', '""quoted""'),
     ("plain", "plain", '"plain"', "plain", "plain"),
     (" padded ", " padded ", '" padded "', '" padded "', " padded "),
-    ("a|b\nc\td\\e\r", "a\\|b\\nc\\td\\\\e\\r", '"a|b\\nc\\td\\\\e\\r"', '"a|b\nc\td\\e\r"', "a|b\\nc\\td\\\\e\\r"),
+    # CSV: tab and line breaks stay raw in a quoted field; a backslash is doubled.
+    ("a|b\nc\td\\e\r", "a\\|b\\nc\\td\\\\e\\r", '"a|b\\nc\\td\\\\e\\r"', '"a|b\nc\td\\\\e\r"', "a|b\\nc\\td\\\\e\\r"),
     ("x,y", "x,y", '"x,y"', '"x,y"', "x,y"),
-    ("nul\x00bel\x07", "nul\\x00bel\\x07", '"nul\\u0000bel\\u0007"', "nul\x00bel\x07", "nul\\x00bel\\x07"),
+    ("nul\x00bel\x07", "nul\\x00bel\\x07", '"nul\\u0000bel\\u0007"', "nul\\x00bel\\x07", "nul\\x00bel\\x07"),
     ("line\u2028sep\x85", "line\\u2028sep\\x85", '"line\\u2028sep\\u0085"', '"line\u2028sep\x85"', "line\\u2028sep\\x85"),
     ("한글 😀 👨‍👩‍👧", "한글 😀 👨‍👩‍👧", '"한글 😀 👨‍👩‍👧"', "한글 😀 👨‍👩‍👧", "한글 😀 👨‍👩‍👧"),
     (Text("sub|class"), "sub\\|class", '"sub|class"', "sub|class", "sub|class"),
@@ -785,8 +786,16 @@ def test_cell_limit_default_keeps_huge_values_from_eating_the_budget():
 # ---------------------------------------------------------------------------
 
 
+_CSV_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def csv_unescape(field: str) -> str:
+    """Undo the CSV format's escapes: ``\\\\`` is a backslash, ``\\xNN`` a control character."""
+    return _CSV_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)), field)
+
+
 def parse_csv(text: str) -> tuple[list, list[list]]:
-    """RFC 4180 reader that keeps the NULL rule: an unquoted NULL field is None."""
+    """RFC 4180 reader that keeps the NULL rule (an unquoted NULL field is None) and undoes escapes."""
     records, fields, i, n = [], [], 0, len(text)
     while True:
         if i < n and text[i] == '"':
@@ -800,14 +809,14 @@ def parse_csv(text: str) -> tuple[list, list[list]]:
                 else:
                     i = k + 1
                     break
-            fields.append("".join(chunk))
+            fields.append(csv_unescape("".join(chunk)))
         else:
             j = i
             while j < n and text[j] not in ",\n":
                 j += 1
             raw = text[i:j]
             assert '"' not in raw, f"stray quote in unquoted field {raw!r}"
-            fields.append(None if raw == "NULL" else raw)
+            fields.append(None if raw == "NULL" else csv_unescape(raw))
             i = j
         if i >= n or text[i] == "\n":
             records.append(fields)
@@ -1146,3 +1155,17 @@ def test_the_system_prompt_is_counted_by_the_counter_in_use():
     assert counter.count(result.text) + counter.count(system) + counter.count("\n\n") <= pb.default_token_budget()
     assert result.rows_shown < pb.build_prompt(rows, counter=counter).rows_shown
 
+
+# ---------------------------------------------------------------------------
+# CSV control characters
+# ---------------------------------------------------------------------------
+
+
+def test_csv_escapes_terminal_control_characters_visibly_and_reads_back():
+    value = "bell\x07 esc\x1b[31mred\x1b[0m del\x7f nul\x00 back\\slash tab\tnew\nline"
+    rows = [{"note\x1b": value, "n": 1}]
+    result = pb.build_prompt(rows, "{data}", data_format="csv")
+    for raw in "\x07\x1b\x7f\x00":
+        assert raw not in result.text
+    assert result.text == 'note\\x1b,n\n"bell\\x07 esc\\x1b[31mred\\x1b[0m del\\x7f nul\\x00 back\\\\slash tab\tnew\nline",1'
+    assert parse_csv(result.text) == (["note\x1b", "n"], [[value, "1"]])
