@@ -7,13 +7,18 @@ Run from the repository root::
 Builds prompts under the default budget (16,384-token context minus
 MAX_NEW_TOKENS 512) from realistic shop order/review rows and prints the median
 time of several runs for each size, the rows shown, and for comparison the
-throughput of formatting without a budget.
+throughput of formatting without a budget. Last, 20,000 rows split into
+4,000-token prompts by the row packer, as map-reduce will. Each build runs twice: counting
+with the real cl100k tokenizer (the default counter; its vocabulary is loaded
+before timing) and with the estimate; "real tokens" is the cl100k count of
+the prompt either way.
 """
 
 from __future__ import annotations
 
 import datetime
 import decimal
+import math
 import os
 import random
 import statistics
@@ -23,6 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prompt_builder  # noqa: E402
+import row_packer  # noqa: E402
+import token_count  # noqa: E402
+import value_format  # noqa: E402
 
 SURNAMES = "김이박최정강조윤장임한오서신권황안송류전홍고문양손배백허유남심노하곽성차주우구민진지엄채원천방공현함변염"
 GIVEN = [
@@ -82,20 +90,27 @@ def main() -> None:
     sizes = (1_000, 10_000, 200_000)
     rows = make_rows(max(sizes))
     budget = prompt_builder.default_token_budget()
-    print(f"prompt_builder benchmark — Python {sys.version.split()[0]}, default budget {budget:,} est. tokens")
+    real = token_count.Cl100kCounter()
+    t0 = time.perf_counter()
+    assert real.load(), real.failure
+    print(f"prompt_builder benchmark — Python {sys.version.split()[0]}, default budget {budget:,} tokens")
+    print(f"cl100k_base vocabulary loaded in {(time.perf_counter() - t0) * 1000:.0f} ms from {real.source}")
     print()
-    print(f"{'rows':>9} {'format':>9} {'median ms':>10} {'rows shown':>11} {'est. tokens':>12} {'chars':>8}")
+    print(f"{'rows':>9} {'format':>9} {'counter':>9} {'median ms':>10} {'rows shown':>11} {'counted':>8} "
+          f"{'real tokens':>12} {'chars':>8}")
     budgeted = {}
     for fmt in prompt_builder.FORMATS:
         for n in sizes:
             data = {"query": "SELECT * FROM orders", "results": rows[:n], "row_count": n}
-            result = prompt_builder.build_prompt(data, data_format=fmt)
-            t = _median_time(lambda d=data, f=fmt: prompt_builder.build_prompt(d, data_format=f), runs=7)
-            budgeted[fmt, n] = t
-            print(
-                f"{n:>9,} {fmt:>9} {t * 1000:>10.2f} {result.rows_shown:>11,} "
-                f"{result.estimated_tokens:>12,} {result.char_count:>8,}"
-            )
+            for label, counter in (("cl100k", real), ("estimate", token_count.ESTIMATE)):
+                result = prompt_builder.build_prompt(data, data_format=fmt, counter=counter)
+                t = _median_time(lambda d=data, f=fmt, c=counter: prompt_builder.build_prompt(d, data_format=f, counter=c),
+                                 runs=7)
+                budgeted[fmt, n, label] = t
+                print(
+                    f"{n:>9,} {fmt:>9} {label:>9} {t * 1000:>10.2f} {result.rows_shown:>11,} "
+                    f"{result.estimated_tokens:>8,} {real.count(result.text):>12,} {result.char_count:>8,}"
+                )
     print()
     print("Unbudgeted format_db_results over 10,000 rows:")
     sample = rows[:10_000]
@@ -103,14 +118,35 @@ def main() -> None:
         t = _median_time(lambda f=fmt: prompt_builder.format_db_results(sample, f), runs=3)
         rate = len(sample) / t
         est_200k = max(sizes) / rate
-        ratio = est_200k / budgeted[fmt, max(sizes)]
+        ratio = est_200k / budgeted[fmt, max(sizes), "cl100k"]
         print(
             f"  {fmt:>9}: {rate:>9,.0f} rows/s -> 200,000 rows would take ~{est_200k:.2f} s; "
             f"budgeted 200k build is {ratio:,.0f}x faster"
         )
-    worst = max(budgeted[fmt, max(sizes)] for fmt in prompt_builder.FORMATS)
+    worst = max(budgeted[fmt, max(sizes), label] for fmt in prompt_builder.FORMATS for label in ("cl100k", "estimate"))
     print()
     print(f"Slowest budgeted 200,000-row build: {worst * 1000:.2f} ms (target < 300 ms): {'OK' if worst < 0.3 else 'TOO SLOW'}")
+    print()
+    chunk_table(rows[:20_000], real)
+
+
+def chunk_table(rows: list[dict], real: token_count.Cl100kCounter, budget: int = 4000) -> None:
+    """Every row into prompts of ``budget`` tokens, as map-reduce will: chunks against the ideal, fill."""
+    print(f"row_packer: {len(rows):,} rows into {budget:,}-token prompts (default template, real counter)")
+    print(f"{'format':>9} {'chunks':>7} {'ideal':>6} {'ratio':>6} {'min fill':>9} {'mean fill':>10} {'seconds':>8}")
+    frame = row_packer.Frame(("Analyze the following database query results.\n\nData:\n",
+                              "\n\nSummarize the key patterns, notable values and anything unusual."))
+    for fmt in prompt_builder.FORMATS:
+        layout = value_format.row_layout(fmt, list(rows[0]))
+        t0 = time.perf_counter()
+        chunks = list(row_packer.RowPacker(rows, layout, frame, max_tokens=budget, counter=real, max_cell_chars=500))
+        seconds = time.perf_counter() - t0
+        # Ideal: the rows' own tokens (one header per chunk aside) over what a prompt leaves for them.
+        room = budget - real.count(frame.render(""))
+        ideal = math.ceil(real.count(layout.block(rows)) / room)
+        fills = [c.tokens / budget for c in chunks[:-1]]
+        print(f"{fmt:>9} {len(chunks):>7,} {ideal:>6,} {len(chunks) / ideal:>6.2f} {min(fills):>9.1%} "
+              f"{statistics.mean(fills):>10.1%} {seconds:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import re
@@ -19,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prompt_builder as pb
+import token_count
+import value_format
+from token_count import ESTIMATE
 from errors import PipelineError, PromptError
 
 KST = datetime.timezone(datetime.timedelta(hours=9))
@@ -250,9 +254,10 @@ VALUE_CASES = [
     ('"quoted"', '""quoted""', '"\\"quoted\\""', '"""quoted"""', '""quoted""'),
     ("plain", "plain", '"plain"', "plain", "plain"),
     (" padded ", " padded ", '" padded "', '" padded "', " padded "),
-    ("a|b\nc\td\\e\r", "a\\|b\\nc\\td\\\\e\\r", '"a|b\\nc\\td\\\\e\\r"', '"a|b\nc\td\\e\r"', "a|b\\nc\\td\\\\e\\r"),
+    # CSV: tab and line breaks stay raw in a quoted field; a backslash is doubled.
+    ("a|b\nc\td\\e\r", "a\\|b\\nc\\td\\\\e\\r", '"a|b\\nc\\td\\\\e\\r"', '"a|b\nc\td\\\\e\r"', "a|b\\nc\\td\\\\e\\r"),
     ("x,y", "x,y", '"x,y"', '"x,y"', "x,y"),
-    ("nul\x00bel\x07", "nul\\x00bel\\x07", '"nul\\u0000bel\\u0007"', "nul\x00bel\x07", "nul\\x00bel\\x07"),
+    ("nul\x00bel\x07", "nul\\x00bel\\x07", '"nul\\u0000bel\\u0007"', "nul\\x00bel\\x07", "nul\\x00bel\\x07"),
     ("line\u2028sep\x85", "line\\u2028sep\\x85", '"line\\u2028sep\\u0085"', '"line\u2028sep\x85"', "line\\u2028sep\\x85"),
     ("한글 😀 👨‍👩‍👧", "한글 😀 👨‍👩‍👧", '"한글 😀 👨‍👩‍👧"', "한글 😀 👨‍👩‍👧", "한글 😀 👨‍👩‍👧"),
     (Text("sub|class"), "sub\\|class", '"sub|class"', "sub|class", "sub|class"),
@@ -462,7 +467,7 @@ def test_values_fetched_from_postgresql_render_faithfully(db):
     assert parsed["tricky"] == row["tricky"]
     table = pb.build_prompt(data, "{data}", max_tokens=BIG).text.split("\n")
     assert len(table) == 3  # header, separator, one row: nothing broke a line
-    assert parse_markdown_row(table[2]) == [None if v is None else pb._plain(v) for v in row.values()]
+    assert parse_markdown_row(table[2]) == [None if v is None else value_format.plain_text(v) for v in row.values()]
 
 
 # ---------------------------------------------------------------------------
@@ -623,13 +628,18 @@ def test_default_token_budget():
         pb.default_token_budget(512, 512)
 
 
+# The budget tests below pin the estimate's arithmetic, so they count with it whatever is
+# installed; tests/test_row_packer.py covers the real tokenizer.
+build_estimated = functools.partial(pb.build_prompt, counter=ESTIMATE)
+
+
 def many_rows(n: int) -> list[dict]:
     return [{"id": i, "name": f"고객{i}", "note": "배송 완료" if i % 2 else None} for i in range(n)]
 
 
 def test_rows_that_do_not_fit_are_dropped_whole_and_the_prompt_says_so():
     rows = many_rows(5000)
-    result = pb.build_prompt({"query": "SELECT", "results": rows, "row_count": 5000}, "{data}", max_tokens=2000)
+    result = build_estimated({"query": "SELECT", "results": rows, "row_count": 5000}, "{data}", max_tokens=2000)
     assert result.truncated and result.rows_total == 5000
     assert 10 < result.rows_shown < 5000
     lines = result.text.split("\n")
@@ -638,27 +648,27 @@ def test_rows_that_do_not_fit_are_dropped_whole_and_the_prompt_says_so():
     assert lines[2 : 2 + result.rows_shown] == pb.format_db_results(rows[: result.rows_shown]).split("\n")[2:]
     assert result.estimated_tokens == pb.estimate_tokens(result.text) <= 2000
     # One more row would not have fitted.
-    bigger = pb.build_prompt(rows[: result.rows_shown + 1], "{data}", max_tokens=BIG)
+    bigger = build_estimated(rows[: result.rows_shown + 1], "{data}", max_tokens=BIG)
     assert bigger.estimated_tokens > 2000 or "(showing" not in bigger.text
 
 
 @pytest.mark.parametrize("fmt", pb.FORMATS)
 def test_budget_boundary_is_exact(fmt):
     rows = many_rows(30)
-    full = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=BIG)
+    full = build_estimated(rows, "분석: {data}", data_format=fmt, max_tokens=BIG)
     assert not full.truncated
-    exact = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=full.estimated_tokens)
+    exact = build_estimated(rows, "분석: {data}", data_format=fmt, max_tokens=full.estimated_tokens)
     assert exact.text == full.text
-    cut = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=full.estimated_tokens - 1)
+    cut = build_estimated(rows, "분석: {data}", data_format=fmt, max_tokens=full.estimated_tokens - 1)
     assert cut.truncated and cut.rows_shown < 30 and cut.estimated_tokens <= full.estimated_tokens - 1
     assert cut.text.endswith(f"\n\n(showing {cut.rows_shown} of 30 rows)")
-    by_chars = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=BIG, max_chars=len(full.text) - 1)
+    by_chars = build_estimated(rows, "분석: {data}", data_format=fmt, max_tokens=BIG, max_chars=len(full.text) - 1)
     assert by_chars.truncated and by_chars.char_count <= len(full.text) - 1
 
 
 def test_max_chars_and_max_tokens_bound_the_whole_prompt_including_template_and_context():
     context = "맥락 " * 200
-    result = pb.build_prompt(many_rows(1000), "지시문 " * 100 + "{data}", context, max_chars=3000, max_tokens=BIG)
+    result = build_estimated(many_rows(1000), "지시문 " * 100 + "{data}", context, max_chars=3000, max_tokens=BIG)
     assert result.char_count == len(result.text) <= 3000
     assert result.text.endswith(context)
     assert 0 < result.rows_shown < 1000
@@ -688,30 +698,30 @@ def test_max_rows():
 
 def test_template_and_context_alone_over_budget_says_by_how_much():
     with pytest.raises(PromptError) as info:
-        pb.build_prompt(many_rows(3), "x" * 40 + " {data}", "가" * 100, max_tokens=100)
+        build_estimated(many_rows(3), "x" * 40 + " {data}", "가" * 100, max_tokens=100)
     message = info.value.message
     assert "template, context and query alone exceed" in message
     tokens = pb.estimate_tokens("x" * 40 + "\n\n\nAdditional context:\n" + "가" * 100)
     assert f"about {tokens:,} tokens against a budget of 100 (over by {tokens - 100:,})" in message
     with pytest.raises(PromptError, match=r"5,001 characters against a limit of 4,000 \(over by 1,001\)"):
-        pb.build_prompt(many_rows(3), "가" * 5000 + "{data}", max_chars=4000, max_tokens=BIG)
+        build_estimated(many_rows(3), "가" * 5000 + "{data}", max_chars=4000, max_tokens=BIG)
 
 
 def test_not_even_one_row_fitting_is_an_error():
     rows = [{"text": "긴 리뷰 " * 100}]
     with pytest.raises(PromptError) as info:
-        pb.build_prompt(rows, "{data}", max_tokens=200)
+        build_estimated(rows, "{data}", max_tokens=200)
     assert "Not even one row fits" in info.value.message and "over by" in info.value.message
     assert "max_cell_chars" in info.value.hint
     # With a smaller per-value limit the same row fits.
-    assert pb.build_prompt(rows, "{data}", max_tokens=200, max_cell_chars=50).rows_shown == 1
+    assert build_estimated(rows, "{data}", max_tokens=200, max_cell_chars=50).rows_shown == 1
 
 
 def test_system_prompt_shrinks_the_default_budget():
     rows = many_rows(5000)
-    plain = pb.build_prompt(rows)
+    plain = build_estimated(rows)
     system = "You are a careful data analyst. " * 100
-    with_system = pb.build_prompt(rows, system_prompt=system)
+    with_system = build_estimated(rows, system_prompt=system)
     limit = pb.default_token_budget() - pb.estimate_tokens(system) - 2
     assert plain.estimated_tokens <= pb.default_token_budget()
     assert with_system.estimated_tokens <= limit < plain.estimated_tokens
@@ -721,13 +731,13 @@ def test_system_prompt_shrinks_the_default_budget():
 
 def test_context_size_and_answer_length_set_the_default_budget():
     rows = many_rows(5000)
-    small = pb.build_prompt(rows, context_tokens=4096, max_new_tokens=1024)
+    small = build_estimated(rows, context_tokens=4096, max_new_tokens=1024)
     assert small.estimated_tokens <= 4096 - 1024 - pb.DEFAULT_RESERVE_TOKENS
-    assert small.rows_shown < pb.build_prompt(rows).rows_shown
+    assert small.rows_shown < build_estimated(rows).rows_shown
 
 
 def test_repeated_data_placeholder_counts_each_copy():
-    result = pb.build_prompt(many_rows(500), "{data}\n---\n{data}", max_tokens=1000)
+    result = build_estimated(many_rows(500), "{data}\n---\n{data}", max_tokens=1000)
     assert result.estimated_tokens <= 1000
     first, second = result.text.split("\n---\n")
     assert first == second and first.endswith(f"(showing {result.rows_shown} of 500 rows)")
@@ -776,8 +786,16 @@ def test_cell_limit_default_keeps_huge_values_from_eating_the_budget():
 # ---------------------------------------------------------------------------
 
 
+_CSV_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def csv_unescape(field: str) -> str:
+    """Undo the CSV format's escapes: ``\\\\`` is a backslash, ``\\xNN`` a control character."""
+    return _CSV_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)), field)
+
+
 def parse_csv(text: str) -> tuple[list, list[list]]:
-    """RFC 4180 reader that keeps the NULL rule: an unquoted NULL field is None."""
+    """RFC 4180 reader that keeps the NULL rule (an unquoted NULL field is None) and undoes escapes."""
     records, fields, i, n = [], [], 0, len(text)
     while True:
         if i < n and text[i] == '"':
@@ -791,14 +809,14 @@ def parse_csv(text: str) -> tuple[list, list[list]]:
                 else:
                     i = k + 1
                     break
-            fields.append("".join(chunk))
+            fields.append(csv_unescape("".join(chunk)))
         else:
             j = i
             while j < n and text[j] not in ",\n":
                 j += 1
             raw = text[i:j]
             assert '"' not in raw, f"stray quote in unquoted field {raw!r}"
-            fields.append(None if raw == "NULL" else raw)
+            fields.append(None if raw == "NULL" else csv_unescape(raw))
             i = j
         if i >= n or text[i] == "\n":
             records.append(fields)
@@ -902,12 +920,12 @@ def test_property_prompt_fits_and_every_row_shown_parses_back(
     names, rows = data
     kwargs = dict(data_format=fmt, max_tokens=max_tokens, max_chars=max_chars, max_cell_chars=max_cell_chars)
     try:
-        result = pb.build_prompt({"query": "SELECT x", "results": rows}, template, context, **kwargs)
+        result = build_estimated({"query": "SELECT x", "results": rows}, template, context, **kwargs)
     except PromptError as exc:
         # Only a budget too small even for the template (+ one row) may fail, and then truly.
         assert "alone exceed" in exc.message or "Not even one row fits" in exc.message
         unbounded = {**kwargs, "max_tokens": BIG, "max_chars": None, "max_rows": 1}
-        smallest = pb.build_prompt({"query": "SELECT x", "results": rows}, template, context, **unbounded)
+        smallest = build_estimated({"query": "SELECT x", "results": rows}, template, context, **unbounded)
         assert smallest.estimated_tokens > max_tokens or (max_chars is not None and smallest.char_count > max_chars)
         return
 
@@ -918,7 +936,7 @@ def test_property_prompt_fits_and_every_row_shown_parses_back(
     assert rows == [] or result.rows_shown >= 1
 
     shown = rows[: result.rows_shown]
-    block = pb.build_prompt(
+    block = build_estimated(
         {"query": "SELECT x", "results": shown}, "{data}", **{**kwargs, "max_tokens": BIG, "max_chars": None}
     ).text
     assert block in result.text  # the shown rows appear exactly as formatted on their own
@@ -977,10 +995,10 @@ def test_property_any_postgres_like_value_builds_a_valid_prompt(data, fmt, max_t
     names, rows = data
     kwargs = dict(data_format=fmt, max_cell_chars=max_cell_chars)
     try:
-        result = pb.build_prompt(rows, "{data}", max_tokens=max_tokens, **kwargs)
+        result = build_estimated(rows, "{data}", max_tokens=max_tokens, **kwargs)
     except PromptError as exc:
         assert "Not even one row fits" in exc.message
-        assert pb.build_prompt(rows, "{data}", max_tokens=BIG, max_rows=1, **kwargs).estimated_tokens > max_tokens
+        assert build_estimated(rows, "{data}", max_tokens=BIG, max_rows=1, **kwargs).estimated_tokens > max_tokens
         return
     assert result.estimated_tokens <= max_tokens
     result.text.encode("utf-8")  # lone surrogates were escaped
@@ -1026,3 +1044,128 @@ def test_sample_reviews_from_the_test_database_make_a_faithful_prompt(db):
     assert "| 20 | 용량 충분 | 여행 갈 때 폰 세 번 충전했어요.\\n배송도 빨랐습니다. |" in result.text
     assert '| 7 | "" | 가격 대비 괜찮아요. |' in result.text  # empty title, not NULL
     assert "| 5 | NULL | Good keyboard." in result.text  # NULL title
+
+
+# ---------------------------------------------------------------------------
+# Rows from an iterator (a streaming cursor)
+# ---------------------------------------------------------------------------
+
+
+class Stream:
+    """An iterator of rows that counts how many were taken; ``count_remaining`` is optional."""
+
+    def __init__(self, rows: list[dict], countable: bool = False) -> None:
+        self.rows, self.taken, self.counted = rows, 0, 0
+        if countable:
+            self.count_remaining = self._count_remaining
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.taken >= len(self.rows):
+            raise StopIteration
+        self.taken += 1
+        return self.rows[self.taken - 1]
+
+    def _count_remaining(self) -> int:
+        self.counted += 1
+        return len(self.rows) - self.taken
+
+
+def test_an_iterator_is_read_only_until_the_prompt_is_full():
+    stream = Stream(many_rows(100_000))
+    result = build_estimated({"query": "SELECT", "results": stream}, "{data}", max_tokens=2000)
+    assert 10 < result.rows_shown < 1000
+    # The rows shown, the one that did not fit, and any handed back to make room for the note.
+    assert result.rows_shown < stream.taken == result.rows_read <= result.rows_shown + 3
+    assert (result.input_exhausted, result.rows_total_exact, result.truncated) == (False, False, True)
+    assert result.rows_total == result.rows_read
+    assert result.text.endswith(f"\n\n(showing {result.rows_shown:,} of at least {result.rows_read:,} rows)")
+    assert result.estimated_tokens == pb.estimate_tokens(result.text) <= 2000
+    # Exactly what the same rows give from a list, apart from the total in the note.
+    listed = build_estimated({"query": "SELECT", "results": many_rows(result.rows_read), "more_rows": True}, "{data}",
+                             max_tokens=2000)
+    assert listed.text == result.text
+
+
+def test_an_iterator_that_can_count_its_remaining_rows_gives_the_exact_total():
+    stream = Stream(many_rows(5000), countable=True)
+    result = build_estimated({"results": stream}, "{data}\n({row_count} rows in all)", max_tokens=2000)
+    assert stream.counted == 1 and result.rows_shown < stream.taken <= result.rows_shown + 3
+    assert (result.rows_total, result.rows_total_exact, result.truncated) == (5000, True, True)
+    assert result.text.endswith(f"(showing {result.rows_shown:,} of 5,000 rows)\n(5000 rows in all)")
+    assert result.estimated_tokens == pb.estimate_tokens(result.text) <= 2000
+
+
+def test_an_iterator_with_a_known_row_count_is_not_counted():
+    stream = Stream(many_rows(300), countable=True)
+    result = build_estimated({"results": stream, "row_count": 300}, "{data}", max_rows=10)
+    assert stream.counted == 0 and stream.taken == 11
+    assert result.text.endswith("(showing 10 of 300 rows)") and result.rows_total == 300
+
+
+def test_an_iterator_that_fits_whole_is_read_to_its_end():
+    stream = Stream(many_rows(12))
+    result = pb.build_prompt({"results": stream, "query": "q"}, "{data} {row_count}")
+    assert (result.rows_shown, result.rows_total, result.truncated, result.input_exhausted) == (12, 12, False, True)
+    assert "(showing" not in result.text and result.text.endswith(" 12")
+    assert pb.build_prompt(iter([]), "{data}").text == "(no rows)"
+    assert pb.build_prompt((r for r in [{}, {}]), "{data}").text == "(2 rows with no columns)"
+    with pytest.raises(PromptError, match="Row 1 is a int, not a mapping"):
+        pb.build_prompt(iter([1, 2]))
+    assert pb.format_db_results(iter(ROWS)) == TABLE
+
+
+# ---------------------------------------------------------------------------
+# The default counter: the real tokenizer near the budget
+# ---------------------------------------------------------------------------
+
+
+def test_the_default_counter_counts_near_the_budget_with_the_real_tokenizer():
+    counter = token_count.Cl100kCounter()
+    assert counter.load()
+    rows = many_rows(5000)
+    real = pb.build_prompt(rows, "{data}", max_tokens=2000, counter=counter)
+    assert real.token_counter == "cl100k_base (tiktoken)"
+    assert real.estimated_tokens == counter.count(real.text) <= 2000
+    # The estimate errs high on such rows, so the real count fits more of them.
+    assert real.rows_shown > build_estimated(rows, "{data}", max_tokens=2000).rows_shown
+    small = pb.build_prompt(ROWS, "{data}", counter=counter)
+    assert small.token_counter == "estimate" and small.estimated_tokens == pb.estimate_tokens(small.text)
+
+
+@pytest.mark.parametrize("fmt", pb.FORMATS)
+def test_real_budget_boundary_is_exact(fmt):
+    counter = token_count.Cl100kCounter()
+    rows = many_rows(200)
+    full = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=BIG, counter=counter)
+    tokens = counter.count(full.text)
+    exact = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=tokens, counter=counter)
+    assert exact.text == full.text and exact.estimated_tokens == tokens
+    cut = pb.build_prompt(rows, "분석: {data}", data_format=fmt, max_tokens=tokens - 1, counter=counter)
+    assert cut.truncated and counter.count(cut.text) <= tokens - 1
+
+
+def test_the_system_prompt_is_counted_by_the_counter_in_use():
+    counter = token_count.Cl100kCounter()
+    rows = many_rows(5000)
+    system = "당신은 꼼꼼한 데이터 분석가입니다. " * 200
+    result = pb.build_prompt(rows, system_prompt=system, counter=counter)
+    assert counter.count(result.text) + counter.count(system) + counter.count("\n\n") <= pb.default_token_budget()
+    assert result.rows_shown < pb.build_prompt(rows, counter=counter).rows_shown
+
+
+# ---------------------------------------------------------------------------
+# CSV control characters
+# ---------------------------------------------------------------------------
+
+
+def test_csv_escapes_terminal_control_characters_visibly_and_reads_back():
+    value = "bell\x07 esc\x1b[31mred\x1b[0m del\x7f nul\x00 back\\slash tab\tnew\nline"
+    rows = [{"note\x1b": value, "n": 1}]
+    result = pb.build_prompt(rows, "{data}", data_format="csv")
+    for raw in "\x07\x1b\x7f\x00":
+        assert raw not in result.text
+    assert result.text == 'note\\x1b,n\n"bell\\x07 esc\\x1b[31mred\\x1b[0m del\\x7f nul\\x00 back\\\\slash tab\tnew\nline",1'
+    assert parse_csv(result.text) == (["note\x1b", "n"], [[value, "1"]])
