@@ -1,0 +1,80 @@
+"""progress.py: what long runs show on stderr."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from progress import ProgressBar, Spinner, format_duration
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as stderr does in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (42.4, "42s"), (75, "1m15s"), (3725, "1h02m")])
+def test_durations_read_naturally(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_plain_lines_when_not_a_terminal_say_rate_eta_and_failures():
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressBar(5000, unit="rows", stream=out, interval=30, clock=clock)
+    clock.now += 10
+    bar.update(100)
+    assert out.getvalue() == ""  # not yet: one line per interval
+    clock.now += 24  # 34 s in, 1,200 rows done
+    bar.update(1100, failed=3)
+    line = out.getvalue().strip()
+    assert line.startswith("rows 1,200/5,000 (24%)")
+    assert "35.3 rows/s" in line and "ETA 1m48s" in line and "3 failed" in line
+    bar.close()
+    assert out.getvalue().count("\n") == 2  # and a final line
+
+
+def test_quiet_shows_nothing_even_on_a_terminal():
+    out = Terminal()
+    with ProgressBar(10, unit="rows", stream=out, quiet=True) as bar:
+        bar.update(10)
+    with Spinner("waiting", stream=out, quiet=True, interval=0.01):
+        time.sleep(0.05)
+    assert out.getvalue() == ""
+
+
+def test_a_terminal_gets_a_bar_with_the_failures():
+    out = Terminal()
+    with ProgressBar(4, unit="rows", stream=out) as bar:
+        bar.update(2)
+        bar.update(1, failed=1)
+        bar.update(1)
+    drawn = out.getvalue()
+    assert "4/4" in drawn and "1 failed" in drawn
+
+
+def test_spinner_shows_elapsed_seconds_on_a_terminal_and_erases_itself():
+    out = Terminal()
+    with Spinner("waiting for the answer", stream=out, interval=0.01):
+        time.sleep(0.1)
+    drawn = out.getvalue()
+    assert "waiting for the answer 0s" in drawn
+    assert drawn.endswith("\r")  # the line is blanked: the answer starts clean
+
+
+def test_no_spinner_when_not_a_terminal():
+    out = io.StringIO()
+    with Spinner("waiting", stream=out, interval=0.01):
+        time.sleep(0.05)
+    assert out.getvalue() == ""
