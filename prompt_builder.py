@@ -107,6 +107,12 @@ class _Input:
     #: ``len(results)`` when the results are a sequence; None for an iterator.
     size: int | None
     count_remaining: Callable[[], int] | None = None
+    #: An iterator that learns while being read whether its source had more rows than it
+    #: hands out (a row stream cut by a row cap) says so through ``has_more``.
+    has_more: Callable[[], bool] | None = None
+
+    def more_rows_now(self) -> bool:
+        return self.more_rows or bool(self.has_more and self.has_more())
 
 
 def _unpack(db_data: Any) -> _Input:
@@ -132,6 +138,8 @@ def _unpack(db_data: Any) -> _Input:
         raise PromptError(f"db_data['columns'] must be a list of column names, not {type(columns).__name__}")
     counter = getattr(results, "count_remaining", None)
     source = _Input(results, query, row_count, more_rows, [], None, counter if callable(counter) else None)
+    if hasattr(results, "has_more"):
+        source.has_more = lambda: bool(results.has_more)
     if isinstance(results, Sequence):
         source.size = len(results)
         first = results[0] if results else _NONE
@@ -307,7 +315,7 @@ class _RowTotal:
 
     def note(self, start: int, count: int, more: bool) -> str:
         total, exact = self.resolve()
-        return _note(count, total, self.source.more_rows or not exact)
+        return _note(count, total, self.source.more_rows_now() or not exact)
 
 
 _WIDEST = "9" * 20

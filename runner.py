@@ -10,14 +10,16 @@ run for scripts, with the ``(response, stats, db_data)`` return they already use
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import config
 import prompt_builder
 from config import Settings
+from db_connector import RowStream
 from errors import ModelAPIError
 from prompt_builder import PromptResult
 from resources import shared_database, shared_model_client
@@ -111,7 +113,8 @@ class RunResult:
 
     def db_data(self) -> dict[str, Any]:
         """``{"query", "results", "row_count", "columns", "more_rows"}`` (the last two once queried)."""
-        data: dict[str, Any] = {"query": self.query, "results": self.rows, "row_count": len(self.rows)}
+        count = max(self.rows_total, len(self.rows))
+        data: dict[str, Any] = {"query": self.query, "results": self.rows, "row_count": count}
         if self.queried:
             data.update(columns=self.columns, more_rows=self.more_rows)
         return data
@@ -127,6 +130,7 @@ class RunResult:
             p = self.prompt
             stats.update(rows_shown=p.rows_shown, rows_total=p.rows_total, truncated=p.truncated,
                          prompt_chars=p.char_count, prompt_tokens_estimate=p.estimated_tokens,
+                         prompt_token_counter=p.token_counter,
                          prompt_warnings=list(p.warnings))
         stats.update(_as_dict(self.model_stats))
         if self.total_time is not None:
@@ -155,22 +159,33 @@ def run_question(
     q = question
     max_new_tokens = settings.max_new_tokens if q.max_new_tokens is None else q.max_new_tokens
     started = time.perf_counter()
-    # The connection goes back to the pool (idle, no open transaction) before the model is asked.
-    rows = shared_database(settings).execute_query(q.query, q.params, max_rows=q.fetch_rows)
-    run.rows, run.columns, run.more_rows = list(rows), rows.columns, rows.has_more
+    # Rows stream from a server-side cursor into the prompt, which stops reading once it is full
+    # and has the rest counted without transferring them: memory follows the prompt, not
+    # --max-rows. The connection goes back to the pool (idle, no open transaction) before the
+    # model is asked.
+    with shared_database(settings).stream_rows(q.query, q.params, max_rows=q.fetch_rows) as stream:
+        run.columns = stream.columns
+        rows = _RecordedRows(stream, run.rows)
+        if not rows.peek():
+            run.db_time = round(time.perf_counter() - started, 4)
+            logger.info("Query returned no rows; nothing sent to the model")
+            return run
+        prompt = run.prompt = prompt_builder.build_prompt(
+            {"query": q.query, "results": rows, "columns": stream.columns}, q.template, q.context,
+            data_format=q.data_format, max_tokens=q.prompt_tokens, max_chars=q.prompt_chars,
+            max_rows=q.prompt_rows, max_cell_chars=q.max_cell_chars,
+            context_tokens=settings.model_context_tokens, max_new_tokens=max_new_tokens,
+            system_prompt=q.system_prompt,
+        )
+        run.more_rows = stream.has_more
     run.db_time = round(time.perf_counter() - started, 4)
-    if not rows:
-        logger.info("Query returned no rows; nothing sent to the model")
-        return run
-
-    prompt = run.prompt = prompt_builder.build_prompt(
-        run.db_data(), q.template, q.context,
-        data_format=q.data_format, max_tokens=q.prompt_tokens, max_chars=q.prompt_chars, max_rows=q.prompt_rows,
-        max_cell_chars=q.max_cell_chars, context_tokens=settings.model_context_tokens,
-        max_new_tokens=max_new_tokens, system_prompt=q.system_prompt,
-    )
-    logger.info("Prompt built: %d of %d rows, %d chars, ~%d tokens%s", prompt.rows_shown, prompt.rows_total,
-                prompt.char_count, prompt.estimated_tokens, " (truncated)" if prompt.truncated else "")
+    at_least = "" if prompt.rows_total_exact and not run.more_rows else "at least "
+    logger.info("Query returned %s%d row(s); %d read for the prompt in %.3f s", at_least, prompt.rows_total,
+                len(run.rows), run.db_time)
+    logger.info("Prompt built: %d of %s%d rows, %d chars, %d tokens (%s)%s", prompt.rows_shown,
+                at_least, prompt.rows_total,
+                prompt.char_count, prompt.estimated_tokens, prompt.token_counter,
+                " (truncated)" if prompt.truncated else "")
     if dry_run:
         return run
 
@@ -196,6 +211,42 @@ def run_question(
     run.answer = response
     run.total_time = round(time.perf_counter() - started, 4)
     return run
+
+
+class _RecordedRows:
+    """A row stream that keeps every row it hands out (the rows the prompt read) in ``sink``.
+
+    ``count_remaining`` and ``has_more`` pass through, so the prompt can say how many rows there
+    were in all without reading them.
+    """
+
+    def __init__(self, stream: RowStream, sink: list[dict[str, Any]]) -> None:
+        self._stream = stream
+        self._rows = iter(stream)
+        self._sink = sink
+        self._peeked: list[dict[str, Any]] = []
+
+    def peek(self) -> bool:
+        """Whether there is at least one row (reads it, and hands it out first)."""
+        if not self._peeked:
+            row = next(self._rows, None)
+            if row is None:
+                return False
+            self._peeked.append(row)
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for row in itertools.chain(self._peeked, self._rows):
+            self._sink.append(row)
+            yield row
+        self._peeked = []
+
+    @property
+    def has_more(self) -> bool:
+        return self._stream.has_more
+
+    def count_remaining(self) -> int:
+        return self._stream.count_remaining()
 
 
 def _keep_error_context(run: RunResult, error: ModelAPIError) -> None:

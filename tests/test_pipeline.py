@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import os
 import signal
@@ -346,7 +347,7 @@ def test_log_file_default_level_has_no_sql(run, tmp_path):
     assert result.returncode == 0
     log = (tmp_path / "client.log").read_text(encoding="utf-8")
     assert "Query returned 1 row(s)" in log and "SQL:" not in log
-    assert " - db_connector - INFO - " in log  # time - pid - logger - level - message
+    assert re.search(r" - pid \d+ - runner - INFO - Query returned", log)  # time - pid - logger - level - message
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------

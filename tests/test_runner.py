@@ -19,12 +19,14 @@ def test_a_finished_run_holds_rows_prompt_answer_and_stats(test_db_url):
     with FakePCServer(answer=ANSWER) as srv:
         settings = make_settings(test_db_url, API_BASE_URL=srv.base_url)
         run = run_question(Question("SELECT name FROM customers ORDER BY id", prompt_rows=5), settings)
-    assert run.queried and len(run.rows) == 12 and run.columns == ["name"] and run.more_rows is False
+    # The prompt stops reading once it is full: the run holds the rows it read, and the total counted.
+    assert run.queried and len(run.rows) == 6 and run.columns == ["name"] and run.more_rows is False
+    assert run.rows_total == 12 and run.db_data()["row_count"] == 12
     assert (run.rows_shown, run.rows_total, run.truncated) == (5, 12, True)
     assert run.prompt is not None and "(showing 5 of 12 rows)" in run.prompt.text
     assert run.complete and run.answer == ANSWER == run.received_text
     stats = run.stats()
-    assert stats["rows_fetched"] == 12 and stats["protocol"] == "pc" and stats["total_time"] >= stats["db_time"]
+    assert stats["rows_fetched"] == 6 and stats["protocol"] == "pc" and stats["total_time"] >= stats["db_time"]
 
 
 def test_after_a_failure_the_run_still_holds_what_was_done(test_db_url):
@@ -55,7 +57,8 @@ def test_run_pipeline_keeps_its_return_shape(test_db_url):
                                           prompt_rows=3)
     assert answer is None and "(showing 3 of 120 rows)" in stats["prompt"]
     assert list(stats) == ["rows_fetched", "more_rows", "db_time", "rows_shown", "rows_total", "truncated",
-                           "prompt_chars", "prompt_tokens_estimate", "prompt_warnings", "prompt"]
+                           "prompt_chars", "prompt_tokens_estimate", "prompt_token_counter", "prompt_warnings",
+                           "prompt"]
     assert set(db_data) == {"query", "results", "row_count", "columns", "more_rows"}
     assert db_data["row_count"] == 120 and db_data["columns"] == ["id"]
     none, empty_stats, _ = run_pipeline("SELECT 1 WHERE false", settings=settings)
@@ -83,3 +86,27 @@ def test_stats_accept_the_model_statistics_as_a_dataclass():
 
     run = RunResult("SELECT 1", model_stats=Stats("ollama", 7))
     assert run.stats() == {"protocol": "ollama", "generated_tokens": 7}
+
+
+def test_a_huge_fetch_cap_reads_only_what_the_prompt_shows(test_db_url):
+    """--max-rows 10000000 once held every row in memory to put a few hundred in the prompt."""
+    import tracemalloc
+
+    query = "SELECT g AS id, md5(g::text) AS hash FROM generate_series(1, 300000) g"
+    tracemalloc.start()
+    try:
+        run = run_question(Question(query, fetch_rows=10_000_000), make_settings(test_db_url), dry_run=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert run.rows_total == 300_000 and not run.more_rows
+    assert run.rows_shown < 2_000 and len(run.rows) <= run.rows_shown + 2_000  # at most one batch more
+    assert f"(showing {run.rows_shown:,} of 300,000 rows)" in run.prompt.text
+    assert peak < 30 * 1024 * 1024  # 300,000 row dicts alone take well over 100 MB
+
+
+def test_a_fetch_cap_below_the_rows_says_at_least(test_db_url):
+    query = "SELECT g AS id FROM generate_series(1, 5000) g"
+    run = run_question(Question(query, fetch_rows=1000, prompt_rows=10), make_settings(test_db_url), dry_run=True)
+    assert run.more_rows and run.rows_total == 1000
+    assert "(showing 10 of at least 1,000 rows)" in run.prompt.text
