@@ -146,6 +146,9 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("API_MAX_ATTEMPTS", "api_max_attempts", "3", _int_range(1, 20)),
     _Var("API_RETRY_AFTER_MAX", "api_retry_after_max", "60", _float_range(0, 3600)),
     _Var("API_USE_ENV_PROXY", "api_use_env_proxy", "false", _bool),
+    # Answer limits: the size the client accepts, and an optional total time for a stream
+    _Var("API_MAX_RESPONSE_BYTES", "api_max_response_bytes", "16777216", _int_range(1024, 2**40)),
+    _Var("API_STREAM_MAX_SECONDS", "api_stream_max_seconds", "0", _float_range(0, 86400)),
     _Var("MODEL_CONTEXT_TOKENS", "model_context_tokens", "16384", _int_range(256, 10_000_000)),
     _Var("MAX_NEW_TOKENS", "max_new_tokens", "512", _int_range(1, 1_000_000)),
     _Var("TEMPERATURE", "temperature", "0.7", _float_range(0, 2)),
@@ -216,6 +219,8 @@ class Settings:
     api_max_attempts: int
     api_retry_after_max: float
     api_use_env_proxy: bool
+    api_max_response_bytes: int
+    api_stream_max_seconds: float
     model_context_tokens: int
     max_new_tokens: int
     temperature: float

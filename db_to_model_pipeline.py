@@ -133,18 +133,15 @@ def run_pipeline(
             rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
             progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.base_url} ...")
         if stream:
-            model_stats: dict[str, Any] = {}
-            for item in client.stream(prompt.text, system_prompt, max_new_tokens, temperature):
-                if isinstance(item, dict):
-                    model_stats = item
-                else:
-                    pieces.append(item)
+            with client.stream(prompt.text, system_prompt, max_new_tokens, temperature) as generation:
+                for piece in generation:
+                    pieces.append(piece)
                     if on_text:
-                        on_text(item)
-            response = "".join(pieces)
+                        on_text(piece)
         else:
-            response, model_stats = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
-        stats.update(model_stats)
+            generation = client.generate(prompt.text, system_prompt, max_new_tokens, temperature)
+        response = generation.text
+        stats.update(generation.stats.as_dict())  # includes "server", the base URL that answered
         stats["total_time"] = round(time.perf_counter() - started, 4)
         return response, stats, db_data
     except BaseException as exc:
@@ -173,11 +170,11 @@ def _database(settings: Settings) -> Database:
 
 
 def _model_client(settings: Settings) -> Any:
-    import model_api_client  # imported on first use: --dry-run never needs requests
+    import server_client  # imported on first use: --dry-run never needs requests
 
     _use_settings(settings)
     if "client" not in _shared:
-        _shared["client"] = model_api_client.ModelAPIClient(settings)
+        _shared["client"] = server_client.ServerClient(settings)
     return _shared["client"]
 
 
