@@ -7,7 +7,7 @@ Pure functions, no I/O; used by the transport (decoding, line splitting) and by 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from errors import BadResponseError
 
@@ -72,7 +72,7 @@ def error_detail(body: Any) -> str | None:
 class LineSplitter:
     """Bytes in, complete lines out, in linear time and bounded memory.
 
-    Each chunk is searched for ``\\n`` once; an unfinished line is kept as a list of pieces and
+    Each chunk is split once, on its own; an unfinished line is kept as a list of pieces and
     joined once, when its newline arrives (``buffer += chunk; buffer.split(b"\\n")`` rescans
     the whole buffer per chunk: quadratic in a long line). A line longer than ``max_line``
     raises ``too_long(size)``. Lines are split as bytes: a ``\\n`` byte never occurs inside a
@@ -87,27 +87,31 @@ class LineSplitter:
         self._parts: list[bytes] = []
         self._size = 0
 
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """The lines that ``chunk`` completes, without ``\\n`` (nor a ``\\r`` before it)."""
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            if end < 0:
-                break
-            line = chunk[start:end]
-            if self._parts:
-                self._parts.append(line)
-                line = b"".join(self._parts)
-                self._parts, self._size = [], 0
-            if len(line) > self.max_line:
-                raise self._too_long(len(line))
-            yield line[:-1] if line.endswith(b"\r") else line
-            start = end + 1
-        if start < len(chunk):
-            self._parts.append(chunk[start:] if start else chunk)
-            self._size += len(chunk) - start
-            if self._size > self.max_line:
-                raise self._too_long(self._size)
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines that ``chunk`` completes, without ``\n`` (nor a ``\r`` before it)."""
+        if b"\n" not in chunk:  # more of an unfinished line
+            if chunk:
+                self._parts.append(chunk)
+                self._size += len(chunk)
+                if self._size > self.max_line:
+                    raise self._too_long(self._size)
+            return []
+        pending = self._size
+        lines = chunk.split(b"\n")  # only the new chunk is scanned, in C
+        rest = lines.pop()
+        if self._parts:
+            self._parts.append(lines[0])
+            lines[0] = b"".join(self._parts)
+        self._parts, self._size = ([rest], len(rest)) if rest else ([], 0)
+        if pending + len(chunk) > self.max_line:  # only then can a line be too long
+            longest = max(self._size, *map(len, lines))
+            if longest > self.max_line:
+                raise self._too_long(longest)
+        if b"\r" in chunk:
+            return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        if lines[0].endswith(b"\r"):  # a \r that ended the previous chunk
+            lines[0] = lines[0][:-1]
+        return lines
 
     def finish(self) -> bytes:
         """What is left after the last newline (a last line without one)."""

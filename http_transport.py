@@ -1,25 +1,22 @@
 """HTTP to one model server: the only module that imports ``requests`` and ``urllib3``.
 
-What it decides, and why:
-
-* **One ``requests.Session`` per thread** (sessions are not safe to share between threads), so
-  one transport can serve many worker threads at once; keep-alive within each thread.
-  ``trust_env`` is off unless ``API_USE_ENV_PROXY``: requests applies a corporate
-  ``HTTP_PROXY`` even to LAN and loopback addresses, and ``NO_PROXY=localhost`` does not cover
-  ``127.0.0.1``; with it off, ``.netrc`` and ``REQUESTS_CA_BUNDLE`` are ignored too.
-* **Timeouts** are ``(API_CONNECT_TIMEOUT, API_TIMEOUT)``: an unreachable PC fails within
-  seconds. A non-streamed answer must also *finish* within ``API_TIMEOUT`` counted from
-  sending the request (the body is read in pieces against that deadline, so a server that
-  trickles bytes cannot keep it alive forever). A stream allows ``API_TIMEOUT`` of silence
-  between pieces and, optionally, ``API_STREAM_MAX_SECONDS`` in all.
+* **One ``requests.Session`` per thread** (sessions are not safe to share), so one transport
+  serves many worker threads at once. ``trust_env`` is off unless ``API_USE_ENV_PROXY``:
+  requests applies a corporate ``HTTP_PROXY`` even to LAN and loopback addresses, and
+  ``NO_PROXY=localhost`` does not cover ``127.0.0.1``.
+* **Timeouts** ``(API_CONNECT_TIMEOUT, API_TIMEOUT)``: an unreachable PC fails within seconds.
+  A non-streamed answer must also *finish* within ``API_TIMEOUT`` from sending the request (the
+  body is read in pieces against that deadline, so a server trickling bytes cannot keep it
+  alive forever). A stream allows ``API_TIMEOUT`` of silence between pieces and, optionally,
+  ``API_STREAM_MAX_SECONDS`` in all.
 * **Retries.** Failures before the request left (refused, DNS, connect timeout) are retried by
   urllib3's ``Retry`` on the mounted adapter, for any method: nothing reached the model. Read
   errors are never retried (a POST that timed out may still be generating on the PC). Statuses
   follow :mod:`retry_policy`. Sleep and clock are constructor arguments: tests need not wait.
 * **Bounded reading.** A body over ``API_MAX_RESPONSE_BYTES`` is refused; streamed lines are
   split in linear time, each at most ``MAX_LINE_BYTES`` (:class:`http_bodies.LineSplitter`).
-* **Errors** leave as the project's own (``ModelConnectionError``, ``ModelTimeoutError``,
-  ``BadResponseError``) with ``url=`` and, for streams, the partial answer and stats so far.
+* **Errors** leave as the project's own, with ``url=`` and, for streams, the partial answer
+  and the stats so far.
 """
 
 from __future__ import annotations
@@ -68,12 +65,9 @@ class TransportOptions:
 
 
 class _ConnectRetry(Retry):
-    """urllib3's ``Retry`` for connection failures only, pausing through the transport's sleep.
-
-    Uses public hooks only: ``get_backoff_time`` (our schedule from the first retry on),
-    ``sleep`` (the injected sleep, and one log line per retry) and ``new`` (urllib3 makes a new
-    object per retry; the hooks travel along).
-    """
+    """urllib3's ``Retry`` for connection failures, through public hooks only: ``get_backoff_time``
+    (our schedule, from the first retry on), ``sleep`` (the injected sleep, one log line per retry)
+    and ``new`` (urllib3 makes a new object per retry: the hooks travel along)."""
 
     pause: Sleep = staticmethod(time.sleep)
     schedule: Callable[[int], float] = staticmethod(backoff)
@@ -97,34 +91,31 @@ class _ConnectRetry(Retry):
             self.pause(delay)
 
 
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """The exception and what it wraps (requests and urllib3 nest the socket error a few levels deep)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        yield exc
+        if isinstance(exc, urllib3.exceptions.MaxRetryError):
+            exc = exc.reason
+        elif exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        else:
+            exc = exc.__cause__ or exc.__context__
+
+
 def connect_phase(exc: BaseException | None) -> bool:
     """True when the request never left: refused, DNS failure, connect timeout, proxy refused."""
-    seen = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                             urllib3.exceptions.ProxyError, ConnectionRefusedError)):
-            return True
-        if isinstance(seen, urllib3.exceptions.MaxRetryError):
-            seen = seen.reason
-        elif seen.args and isinstance(seen.args[0], BaseException):
-            seen = seen.args[0]
-        else:
-            seen = seen.__cause__ or seen.__context__
-    return False
+    kinds = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+             urllib3.exceptions.ProxyError, ConnectionRefusedError)
+    return any(isinstance(seen, kinds) for seen in _causes(exc))
 
 
 def read_timed_out(exc: BaseException) -> bool:
     """A read timeout, also when it is reported as ConnectionError("Read timed out")."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return True
-        seen = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else seen.__context__
-    return False
+    kinds = (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)
+    return any(isinstance(seen, kinds) for seen in _causes(exc))
 
 
 def connect_reason(exc: BaseException) -> str:
@@ -216,7 +207,7 @@ class Reply:
                     raise self._too_big(f"sent more than {limit:,} bytes")
                 parts.append(chunk)
                 if self._deadline is not None and self._clock() > self._deadline:
-                    raise self._overdue(size)
+                    raise self._read_failure(None, size)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             self.close()
             raise self._read_failure(exc) from exc
@@ -237,71 +228,59 @@ class Reply:
 
         def too_long(size: int) -> BadResponseError:
             return BadResponseError(
-                f"The stream from {self.url} sent a line of more than {MAX_LINE_BYTES:,} bytes without a "
-                f"newline ({size:,} so far): not a model server's stream of events.",
-                hint="Check that API_BASE_URL points at the model server and API_PROTOCOL matches it.",
-                **context(),
-            )
+                f"The stream from {self.url} sent a line of more than {MAX_LINE_BYTES:,} bytes without a newline "
+                f"({size:,} so far): not a model server's stream of events.",
+                hint="Check that API_BASE_URL points at the model server and API_PROTOCOL matches it.", **context())
 
         splitter = LineSplitter(min(MAX_LINE_BYTES, self._options.max_response_bytes), too_long)
         try:
             for chunk in self._chunks(8192):
-                for line in splitter.feed(chunk):
-                    yield decode(line)
+                yield from map(decode, splitter.feed(chunk))
                 if self._deadline is not None and self._clock() > self._deadline:
-                    raise self._stream_overdue(context())
+                    limit = self._options.stream_max_seconds
+                    raise ModelTimeoutError(
+                        f"The stream from {self.url} ran longer than API_STREAM_MAX_SECONDS={limit:g}s; it was "
+                        f"stopped after {len(context().get('partial_text', ''))} characters of the answer.",
+                        hint="The partial answer was kept. Raise API_STREAM_MAX_SECONDS (0 = no limit) or lower "
+                        "MAX_NEW_TOKENS.", **context())
             rest = splitter.finish()
             if rest.strip():
                 yield decode(rest)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            raise self._stream_failure(exc, context()) from exc
+            if read_timed_out(exc):
+                value = self._options.read_timeout
+                raise timeout_error("API_TIMEOUT", value, "accepted the request but then sent nothing for the "
+                                    f"read timeout of API_TIMEOUT={value:g}s between two pieces", **context()) from exc
+            raise BadResponseError(
+                f"The stream from {self.url} ended early: the connection broke ({shorten(str(exc), 120)}), after "
+                f"{len(context().get('partial_text', ''))} characters of the answer.",
+                hint="The partial answer was kept. Check the PC server's console; try again.", **context(),
+            ) from exc
 
     # --- errors ---
 
     def _too_big(self, what: str) -> BadResponseError:
-        limit = self._options.max_response_bytes
         return BadResponseError(
-            f"The answer from {self.url} is too large: it {what}, more than API_MAX_RESPONSE_BYTES={limit:,} "
-            "accepts; it was not read.",
+            f"The answer from {self.url} is too large: it {what}, more than API_MAX_RESPONSE_BYTES="
+            f"{self._options.max_response_bytes:,} accepts; it was not read.",
             hint="Raise API_MAX_RESPONSE_BYTES if answers this large are expected, or lower MAX_NEW_TOKENS.",
             url=self.url, status=self.status,
         )
 
-    def _overdue(self, size: int) -> ModelTimeoutError:
+    def _read_failure(self, exc: BaseException | None, size: int = 0) -> ModelAPIError:
+        """The whole-body read failed: the deadline passed (``exc`` None), silence, or a broken connection."""
         setting, value = self._timeout_setting
-        return timeout_error(setting, value, f"was still sending its answer when {setting}={value:g}s "
-                             f"ran out ({size:,} bytes had arrived; they were discarded)", url=self.url, status=self.status)
-
-    def _read_failure(self, exc: BaseException) -> ModelAPIError:
+        if exc is None:
+            what = (f"was still sending its answer when {setting}={value:g}s ran out ({size:,} bytes had arrived; "
+                    "they were discarded)")
+            return timeout_error(setting, value, what, url=self.url, status=self.status)
         if read_timed_out(exc):
-            setting, value = self._timeout_setting
-            return timeout_error(setting, value, "started answering but then sent nothing for the "
-                                 f"read timeout of {setting}={value:g}s", url=self.url, status=self.status)
+            what = f"started answering but then sent nothing for the read timeout of {setting}={value:g}s"
+            return timeout_error(setting, value, what, url=self.url, status=self.status)
         return BadResponseError(
             f"The answer from {self.url} was cut off or garbled in transit: {shorten(str(exc), 160)}.",
             hint="Check the PC server's console (did it crash mid-answer?) and try again.",
             url=self.url, status=self.status,
-        )
-
-    def _stream_overdue(self, context: dict[str, Any]) -> ModelTimeoutError:
-        limit = self._options.stream_max_seconds
-        return ModelTimeoutError(
-            f"The stream from {self.url} ran longer than API_STREAM_MAX_SECONDS={limit:g}s; it was stopped "
-            f"after {len(context.get('partial_text', ''))} characters of the answer.",
-            hint="The partial answer was kept. Raise API_STREAM_MAX_SECONDS (0 = no limit) or lower MAX_NEW_TOKENS.",
-            **context,
-        )
-
-    def _stream_failure(self, exc: BaseException, context: dict[str, Any]) -> ModelAPIError:
-        if read_timed_out(exc):
-            value = self._options.read_timeout
-            return timeout_error("API_TIMEOUT", value, "accepted the request but then sent nothing "
-                                 f"for the read timeout of API_TIMEOUT={value:g}s between two pieces", **context)
-        return BadResponseError(
-            f"The stream from {self.url} ended early: the connection broke ({shorten(str(exc), 120)}), "
-            f"after {len(context.get('partial_text', ''))} characters of the answer.",
-            hint="The partial answer was kept. Check the PC server's console; try again.",
-            **context,
         )
 
 
@@ -391,11 +370,11 @@ class HttpTransport:
     # --- requests ---
 
     def get(self, path: str, *, attempts: int = 1) -> Reply:
-        """A GET for detection or health, with ``API_HEALTH_TIMEOUT``; the body is read.
+        """A GET for detection or health (``API_HEALTH_TIMEOUT``, no retry on a status), body read.
 
         Returns any status; raises ModelConnectionError or ModelTimeoutError.
         """
-        return self.request("GET", path, health=True, attempts=attempts, retry_statuses=frozenset())
+        return self.request("GET", path, attempts=attempts)
 
     def post(self, path: str, body: Mapping[str, Any], *, stream: bool = False,
              give_up: Callable[[Reply], bool] | None = None) -> Reply:
@@ -404,13 +383,14 @@ class HttpTransport:
         return self.request("POST", path, body, stream=stream, give_up=give_up)
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *, stream: bool = False,
-                health: bool = False, attempts: int | None = None,
-                retry_statuses: frozenset[int] = RETRY_STATUSES,
-                give_up: Callable[[Reply], bool] | None = None) -> Reply:
+                attempts: int | None = None, give_up: Callable[[Reply], bool] | None = None) -> Reply:
         """Send with the retry policy; return the reply (any status) or raise a ModelAPIError.
 
-        The body of the reply is read unless ``stream`` is set and the status is 2xx.
+        A GET is a probe: health timeouts, and its status is the answer. The body of the reply is
+        read unless ``stream`` is set and the status is 2xx.
         """
+        health = method == "GET"
+        statuses = frozenset() if health else RETRY_STATUSES
         url = self.base_url + path
         attempts = max(1, attempts or self.options.retry.max_attempts)
         data = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
@@ -426,11 +406,11 @@ class HttpTransport:
             if reply is None:  # a dropped GET: retried like a refused connection
                 self._pause(self.options.retry.backoff(attempt - 1, self._rand))
                 continue
-            wait = self._status_wait(reply, attempt, attempts, gateway_retries, retry_statuses, give_up)
+            wait = self._status_wait(reply, attempt, attempts, gateway_retries, statuses, give_up)
             if wait is None:
                 if not stream or reply.status >= 300:
                     reply.read()
-                self._log_reply(method, reply, stream)
+                self._log_reply(method, reply)
                 return reply
             delay, why = wait
             gateway_retries += reply.status in GATEWAY_STATUSES
@@ -498,7 +478,7 @@ class HttpTransport:
                 return None
         return wait
 
-    def _log_reply(self, method: str, reply: Reply, stream: bool) -> None:
+    def _log_reply(self, method: str, reply: Reply) -> None:
         size = "" if reply.body is None else f" ({len(reply.body)} bytes)"
         logger.info("%s from %s %s%s%s", reply.status, method, reply.url, size,
                     f" after {reply.attempts} attempts" if reply.attempts > 1 else "")

@@ -188,11 +188,13 @@ class Protocol:
     def _stream_event(self, text: str, what: str, progress: StreamProgress) -> dict[str, Any] | None:
         """One streamed JSON object; None to skip it. Raises, keeping the partial text, on a line
         that is not JSON or on the server's mid-stream ``{"error": ...}``."""
-        context = {"url": self.server.base_url, "partial_text": progress.text(), "stats": progress.stats}
+        def context() -> dict[str, Any]:  # built only on failure: joining the pieces costs O(answer)
+            return {"url": self.server.base_url, "partial_text": progress.text(), "stats": progress.stats}
+
         try:
             event = json.loads(text)
         except ValueError:
-            raise BadResponseError(f"{what} that is not JSON: {shorten(text)!r}", **context) from None
+            raise BadResponseError(f"{what} that is not JSON: {shorten(text)!r}", **context()) from None
         if not isinstance(event, dict):
             return None
         if "error" in event:
@@ -200,7 +202,7 @@ class Protocol:
             raise ModelServerError(
                 f"The server reported an error mid-stream: {shorten(detail, DETAIL_CHARS)}",
                 hint="The partial answer was kept. Check the PC server's console (out of memory?); try again.",
-                detail=detail, **context,
+                detail=detail, **context(),
             )
         return event
 

@@ -21,6 +21,7 @@ import json
 import re
 import socket
 import socketserver
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -113,6 +114,12 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeServer) -> None:
         self.fake = fake
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that closes its keep-alive connection abruptly (a stream stopped early) is
+        # normal here, not a server error worth a traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), which can stall on a machine with slow DNS.
