@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
@@ -35,7 +36,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from errors import BadResponseError, ModelAPIError, ModelConnectionError, ModelTimeoutError
+from errors import BadResponseError, ModelAPIError, ModelConnectionError, ModelDisconnectedError, ModelTimeoutError
 from http_bodies import MAX_LINE_BYTES, LineSplitter, decode, shorten
 from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, RetryPolicy, backoff
 
@@ -315,7 +316,8 @@ class HttpTransport:
         self._clock = clock
         self._rand = rand
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []  # every thread's, for close()
+        # Every thread's sessions, for close(); weak, so a finished thread's session goes with it.
+        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     # --- sessions ---
@@ -327,7 +329,7 @@ class HttpTransport:
         if session is None:
             session = sessions[connect_retries] = self._new_session(connect_retries)
             with self._lock:
-                self._sessions.append(session)
+                self._sessions.add(session)
         return session
 
     def _new_session(self, connect_retries: int) -> requests.Session:
@@ -356,7 +358,7 @@ class HttpTransport:
     def close(self) -> None:
         """Close every thread's session (their keep-alive connections)."""
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions = list(self._sessions), weakref.WeakSet()
         for session in sessions:
             session.close()
         self._local = threading.local()
@@ -449,7 +451,7 @@ class HttpTransport:
                 raise self._connection_error(url, exc, connect_retries + 1) from exc
             if method == "GET" and attempt < attempts:
                 return None
-            raise ModelConnectionError(
+            raise ModelDisconnectedError(
                 f"The model server at {url} closed the connection without answering ({shorten(str(exc), 160)}). "
                 "The request may have reached it, so it was not retried.",
                 hint="Check the PC server's console (did it crash or restart?), then try again.", url=url,

@@ -94,7 +94,7 @@ class PCProtocol(Protocol):
 
     def health(self, get: ProbeFn) -> HealthReport:
         base = self.server.base_url
-        report = HealthReport(ok=False, reachable=True, protocol="pc", model_name=self.server.model_label, server=base)
+        report = HealthReport(ok=False, reachable=True, protocol="pc", model_name=self.server.model_label)
         probe = get("/api/health")
         if probe.timed_out:
             report.detail = (f"The PC server at {base} accepted the connection but did not answer /api/health in "
@@ -204,7 +204,7 @@ class OllamaProtocol(ChatProtocol):
 
     def health(self, get: ProbeFn) -> HealthReport:
         base = self.server.base_url
-        report = HealthReport(ok=False, reachable=True, protocol="ollama", model_name=self.server.model_name, server=base)
+        report = HealthReport(ok=False, reachable=True, protocol="ollama", model_name=self.server.model_name)
         listing = self.list_models(get)
         if listing is None:
             return self._wrong_protocol(report, f"{base}/api/tags did not answer like {self.server.kind or 'Ollama'}")
@@ -334,7 +334,7 @@ class OpenAIProtocol(ChatProtocol):
     def health(self, get: ProbeFn) -> HealthReport:
         base = self.server.base_url
         kind = self.server.kind or "the OpenAI-compatible server"
-        report = HealthReport(ok=False, reachable=True, protocol="openai", model_name=self.server.model_name, server=base)
+        report = HealthReport(ok=False, reachable=True, protocol="openai", model_name=self.server.model_name)
         listing = self.list_models(get)
         health = get("/health")
         if listing is None:

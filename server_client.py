@@ -78,6 +78,8 @@ class ServerClient:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.base_url = normalise_base_url(base_url or settings.api_base_url())
+        # For stats and reports, which are data a caller may print or save: never a password.
+        self.display_url = config.mask_url_password(self.base_url)
         self._clock = clock
         self.transport = transport or HttpTransport(self.base_url, transport_options(settings), sleep=sleep,
                                                     clock=clock)
@@ -258,7 +260,7 @@ class ServerClient:
         return Generation.complete(text, stats)
 
     def _new_stats(self, protocol: Protocol, model: str) -> GenerationStats:
-        return GenerationStats(protocol=protocol.name, model=model, server=self.base_url)
+        return GenerationStats(protocol=protocol.name, model=model, server=self.display_url)
 
     @staticmethod
     def _give_up(protocol: Protocol) -> Callable[[Reply], bool]:
@@ -301,7 +303,7 @@ class ServerClient:
         except Exception as exc:  # a health check must never raise; KeyboardInterrupt still does
             logger.debug("Unexpected error during the health check", exc_info=True)
             report = HealthReport(ok=False, reachable=False, protocol=self.protocol, detail=f"Unexpected error: {exc!r}")
-        report.server = self.base_url
+        report.server = self.display_url
         if report.ok:
             logger.info("Model server healthy: %s", report.detail)
         else:

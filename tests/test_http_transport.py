@@ -18,6 +18,7 @@ from errors import (
     BadResponseError,
     InvalidPromptError,
     ModelConnectionError,
+    ModelDisconnectedError,
     ModelServerError,
     ModelTimeoutError,
 )
@@ -61,7 +62,7 @@ def test_down_server_fails_after_the_configured_attempts_without_waiting(caplog)
     sleeps = Sleeps()
     client = make_client(f"http://127.0.0.1:{port}", API_MAX_ATTEMPTS=3, API_PROTOCOL="pc", sleep=sleeps)
     error, elapsed = timed(client.generate, "질문")
-    assert isinstance(error, ModelConnectionError)
+    assert isinstance(error, ModelConnectionError) and not isinstance(error, ModelDisconnectedError)
     assert error.code == "CONNECTION_ERROR" and error.url == f"http://127.0.0.1:{port}/api/generate"
     assert len(sleeps.calls) == 2 and in_backoff_range(sleeps.calls[0], 0) and in_backoff_range(sleeps.calls[1], 1)
     assert elapsed < 1.0  # the backoff was recorded, not slept
@@ -86,7 +87,8 @@ def test_connect_timeout_is_retried_then_reported():
 def test_dropped_generation_is_not_sent_again():
     with FakePCServer(drop=True) as srv:
         error, _ = timed(make_client(srv.base_url, API_PROTOCOL="pc", API_MAX_ATTEMPTS=3).generate, "질문")
-    assert isinstance(error, ModelConnectionError)
+    assert isinstance(error, ModelDisconnectedError)  # may have reached the model: a pool must not resend it
+    assert error.code == "CONNECTION_ERROR" and error.exit_code == 5
     assert "closed the connection without answering" in str(error) and "not retried" in str(error)
     assert srv.generations == 1
 

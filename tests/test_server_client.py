@@ -118,6 +118,17 @@ def test_generate_returns_a_complete_generation_with_typed_stats():
     assert stats.as_dict()["server"] == srv.base_url
 
 
+def test_stats_and_reports_name_the_server_without_its_password():
+    with FakePCServer() as srv:
+        url = srv.base_url.replace("http://", "http://bob:Hunter2-Sentinel@")
+        client = make_server(url)
+        generation = client.generate("질문")
+        report = client.check_health()
+    masked = srv.base_url.replace("http://", "http://bob:***@")
+    assert generation.stats.server == masked == report.server and report.ok
+    assert srv.requests[-1].headers["Authorization"].startswith("Basic ")  # the URL's credentials are still sent
+
+
 def test_stream_returns_a_generation_that_yields_pieces_then_has_stats():
     with FakeOpenAIServer() as srv:
         generation = make_server(srv.base_url).stream("질문")
