@@ -72,11 +72,13 @@ class _ConnectRetry(Retry):
 
     pause: Sleep = staticmethod(time.sleep)
     schedule: Callable[[int], float] = staticmethod(backoff)
+    retrying: Callable[[], None] = staticmethod(lambda: None)  # called as each new attempt starts
     target: str = ""
 
     def new(self, **kw: Any) -> _ConnectRetry:
         retry = super().new(**kw)
-        retry.pause, retry.schedule, retry.target = self.pause, self.schedule, self.target
+        for hook in ("pause", "schedule", "retrying", "target"):
+            setattr(retry, hook, getattr(self, hook))
         return retry
 
     def get_backoff_time(self) -> float:
@@ -90,6 +92,7 @@ class _ConnectRetry(Retry):
                        self.target, connect_reason(error) if error else "?", len(self.history), delay)
         if delay > 0:
             self.pause(delay)
+        self.retrying()
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:
@@ -347,6 +350,7 @@ class HttpTransport:
         retry.pause = self._sleep
         retry.schedule = lambda attempt: options.retry.backoff(attempt, self._rand)
         retry.target = self.base_url
+        retry.retrying = self._attempt_starts
         adapter = HTTPAdapter(max_retries=retry)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -354,6 +358,10 @@ class HttpTransport:
                      requests.utils.get_environ_proxies(self.base_url) or "none set" if options.use_env_proxy
                      else "ignored; set API_USE_ENV_PROXY=true to use them")
         return session
+
+    def _attempt_starts(self) -> None:
+        # Deadlines count from the attempt that got through, not from the refused ones before it.
+        self._local.attempt_started = self._clock()
 
     def close(self) -> None:
         """Close every thread's session (their keep-alive connections)."""
@@ -439,7 +447,7 @@ class HttpTransport:
             logger.debug("Request body: %s", shorten(decode(data), 500))
         timeouts = self._timeouts(health)
         connect_retries = attempts - 1
-        started = self._clock()
+        self._attempt_starts()
         try:
             response = self._session(connect_retries).request(
                 method, url, data=data, headers=headers, timeout=timeouts, stream=True)
@@ -460,6 +468,7 @@ class HttpTransport:
             raise self._timeout_error(url, health) from exc
         except requests.RequestException as exc:
             raise ModelConnectionError(f"The request to {url} failed: {shorten(str(exc))}.", url=url) from exc
+        started = self._local.attempt_started
         if stream and not health:
             limit = self.options.stream_max_seconds
             deadline = started + limit if limit > 0 else None

@@ -188,6 +188,7 @@ class Protocol:
     def _stream_event(self, text: str, what: str, progress: StreamProgress) -> dict[str, Any] | None:
         """One streamed JSON object; None to skip it. Raises, keeping the partial text, on a line
         that is not JSON or on the server's mid-stream ``{"error": ...}``."""
+
         def context() -> dict[str, Any]:  # built only on failure: joining the pieces costs O(answer)
             return {"url": self.server.base_url, "partial_text": progress.text(), "stats": progress.stats}
 

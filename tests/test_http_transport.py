@@ -28,8 +28,9 @@ from fake_pc_server import FakePCServer
 from fake_server_base import DEFAULT_ANSWER, BlackholeServer, free_port, split_pieces
 from http_bodies import LineSplitter
 from http_transport import HttpTransport, TransportOptions
-from model_clients import Sleeps, drain, make_client, timed
+from model_clients import Sleeps, drain, make_client, settings_for, timed
 from retry_policy import RetryPolicy, backoff, retry_after
+from server_client import ServerClient
 
 PROXY_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 
@@ -54,6 +55,31 @@ def test_refused_until_the_server_starts_then_succeeds():
     assert srv.generations == 1  # refused attempts never reached the server
     assert len(sleeps.calls) == 2
     assert in_backoff_range(sleeps.calls[0], 0) and in_backoff_range(sleeps.calls[1], 1)
+
+
+class FakeClock:
+    """A clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_answer_deadline_counts_from_the_attempt_that_got_through():
+    clock = FakeClock()
+    srv = FakePCServer(port=free_port())
+    sleeps = Sleeps(then=lambda count: (clock.sleep(5.0), srv.start() if count == 2 else None))
+    try:
+        settings = settings_for(srv.base_url, API_PROTOCOL="pc", API_MAX_ATTEMPTS=4, API_TIMEOUT=1)
+        text = ServerClient(settings, sleep=sleeps, clock=clock).generate("질문").text
+    finally:
+        srv.stop()
+    assert text == DEFAULT_ANSWER  # 10 s of refused attempts did not use up API_TIMEOUT=1
 
 
 def test_down_server_fails_after_the_configured_attempts_without_waiting(caplog):
