@@ -230,13 +230,15 @@ class Reply:
                 return {"url": self.url}
             return {"url": self.url, "partial_text": progress.text(), "stats": progress.stats}
 
+        max_line = min(MAX_LINE_BYTES, self._options.max_response_bytes)
+
         def too_long(size: int) -> BadResponseError:
             return BadResponseError(
-                f"The stream from {self.url} sent a line of more than {MAX_LINE_BYTES:,} bytes without a newline "
+                f"The stream from {self.url} sent a line of more than {max_line:,} bytes without a newline "
                 f"({size:,} so far): not a model server's stream of events.",
                 hint="Check that API_BASE_URL points at the model server and API_PROTOCOL matches it.", **context())
 
-        splitter = LineSplitter(min(MAX_LINE_BYTES, self._options.max_response_bytes), too_long)
+        splitter = LineSplitter(max_line, too_long)
         try:
             for chunk in self._chunks(8192):
                 yield from map(decode, splitter.feed(chunk))
@@ -290,12 +292,13 @@ class Reply:
 
 def timeout_error(setting: str, value: float, what: str, *, url: str, **context: Any) -> ModelTimeoutError:
     """The server took too long (``what`` says how); never retried, so the hint says why."""
-    kept = "The partial answer was kept. " if context.get("partial_text") is not None else ""
+    streamed = context.get("partial_text") is not None
     return ModelTimeoutError(
         f"The model server at {url} {what}.",
-        hint=f"{kept}Fix: raise {setting} (or --timeout) if answers legitimately take longer, lower "
-        "MAX_NEW_TOKENS, or use streaming. The request was not retried: the PC may still be generating, "
-        "and it serves one request at a time.",
+        hint=("The partial answer was kept. " if streamed else "")
+        + f"Fix: raise {setting} (or --timeout) if answers legitimately take longer"
+        + ("" if streamed else ", lower MAX_NEW_TOKENS, or use streaming")
+        + ". The request was not retried: the PC may still be generating, and it serves one request at a time.",
         url=url, **context,
     )
 
