@@ -194,7 +194,7 @@ def setup_logging(settings: Settings | None, verbose: bool, quiet: bool, stderr:
             _add(root, file_handler)
             level = min(level, file_handler.level)
     root.setLevel(level)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # http_transport reports retries in its own words
 
 
 def _add(root: logging.Logger, handler: logging.Handler) -> None:

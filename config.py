@@ -100,19 +100,26 @@ class Settings:
         "API_KEY", None, Parser(), "bearer token for OpenAI-compatible servers; never logged", secret=True)
     api_timeout: float = setting(
         "API_TIMEOUT", "300", FloatRange(0, 86400, low_inclusive=False),
-        "seconds to wait for an answer; when streaming, between pieces")
+        "seconds the whole answer may take; when streaming, the longest silence between two pieces")
     api_connect_timeout: float = setting(
         "API_CONNECT_TIMEOUT", "5", FloatRange(0, 600, low_inclusive=False), "seconds for the PC to accept a connection")
     api_health_timeout: float = setting(
         "API_HEALTH_TIMEOUT", "5", FloatRange(0, 600, low_inclusive=False),
         "seconds a health check or protocol probe may take")
     api_max_attempts: int = setting(
-        "API_MAX_ATTEMPTS", "3", IntRange(1, 20), "attempts in all on refused connections and 429/502/503/504")
+        "API_MAX_ATTEMPTS", "3", IntRange(1, 20),
+        "attempts in all on refused connections, and on 429/503 (502/504: one retry at most)")
     api_retry_after_max: float = setting(
         "API_RETRY_AFTER_MAX", "60", FloatRange(0, 3600), "cap in seconds on a server's `Retry-After`")
     api_use_env_proxy: bool = setting(
         "API_USE_ENV_PROXY", "false", Boolean(),
         "honour `HTTP(S)_PROXY`/`NO_PROXY` for model-server calls (off: a LAN PC is reached directly)")
+    api_max_response_bytes: int = setting(
+        "API_MAX_RESPONSE_BYTES", "16777216", IntRange(1024, 2**40),
+        "the largest answer accepted (16 MiB), whole or streamed; a larger one is refused")
+    api_stream_max_seconds: float = setting(
+        "API_STREAM_MAX_SECONDS", "0", FloatRange(0, 86400),
+        "seconds a streamed answer may take in all (0: no limit; the partial answer is kept)")
     model_context_tokens: int = setting(
         "MODEL_CONTEXT_TOKENS", "16384", IntRange(256, 10_000_000),
         "the model's window (Phi-4: 16,384); prompt budget and Ollama's `num_ctx`")

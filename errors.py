@@ -150,6 +150,10 @@ class ModelConnectionError(ModelAPIError):
     exit_code = ExitCode.MODEL_UNREACHABLE
 
 
+class ModelDisconnectedError(ModelConnectionError):
+    """The connection broke after the request was sent: it may have reached the model (not retried)."""
+
+
 class ModelTimeoutError(ModelAPIError):
     """The model server accepted the request but did not answer in time."""
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from config import Settings
 from db_connector import Database
 
-if TYPE_CHECKING:  # model_api_client imports requests: loaded on first use, so --dry-run never pays for it
-    from model_api_client import ModelAPIClient
+if TYPE_CHECKING:  # server_client imports requests: loaded on first use, so --dry-run never pays for it
+    from server_client import ServerClient
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class SharedResources:
         self._lock = threading.Lock()
         self._settings: Settings | None = None
         self._database: Database | None = None
-        self._client: ModelAPIClient | None = None
+        self._client: ServerClient | None = None
 
     def _use(self, settings: Settings) -> None:
         if self._settings != settings:
@@ -44,14 +44,14 @@ class SharedResources:
                 self._database = Database(settings)
             return self._database
 
-    def model_client(self, settings: Settings) -> ModelAPIClient:
+    def model_client(self, settings: Settings) -> ServerClient:
         """The model server client for these settings (created on first use)."""
-        import model_api_client
+        import server_client
 
         with self._lock:
             self._use(settings)
             if self._client is None:
-                self._client = model_api_client.ModelAPIClient(settings)
+                self._client = server_client.ServerClient(settings)
             return self._client
 
     def close(self) -> None:
@@ -76,7 +76,7 @@ def shared_database(settings: Settings) -> Database:
     return _default.database(settings)
 
 
-def shared_model_client(settings: Settings) -> ModelAPIClient:
+def shared_model_client(settings: Settings) -> ServerClient:
     """The process-wide model client for ``settings``."""
     return _default.model_client(settings)
 

@@ -192,19 +192,18 @@ def run_question(
     client = shared_model_client(settings)
     if progress:
         rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
-        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.base_url} ...")
+        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display_url} ...")
     try:
         if stream:
-            for item in client.stream(prompt.text, q.system_prompt, max_new_tokens, q.temperature):
-                if isinstance(item, dict):
-                    run.model_stats = item
-                else:
-                    run.pieces.append(item)
+            with client.stream(prompt.text, q.system_prompt, max_new_tokens, q.temperature) as generation:
+                for piece in generation:
+                    run.pieces.append(piece)
                     if on_text:
-                        on_text(item)
-            response = "".join(run.pieces)
+                        on_text(piece)
         else:
-            response, run.model_stats = client.generate(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
+            generation = client.generate(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
+        response = generation.text
+        run.model_stats = generation.stats  # includes "server", the base URL that answered
     except ModelAPIError as exc:
         _keep_error_context(run, exc)
         raise

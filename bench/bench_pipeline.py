@@ -3,7 +3,7 @@
     python bench/bench_pipeline.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres] [--runs 30]
 
 It creates a throwaway database with the sample data, starts a loopback PC
-server (tests/model_servers.py) that answers at once, and prints medians of:
+server (tests/fake_pc_server.py) that answers at once, and prints medians of:
   request alone   the same POST /api/generate made with a bare requests.Session
   in-process      run_pipeline() over 100 sample rows (query + prompt + request)
   whole process   python db_to_model_pipeline.py --query ... (interpreter start included)
@@ -32,7 +32,7 @@ import requests  # noqa: E402
 
 import config  # noqa: E402
 from db_to_model_pipeline import run_pipeline  # noqa: E402
-from model_servers import FakePCServer  # noqa: E402
+from fake_pc_server import FakePCServer  # noqa: E402
 
 QUERY = "SELECT * FROM orders ORDER BY id LIMIT 100"
 

@@ -26,7 +26,10 @@ import pytest
 import config
 import db_to_model_pipeline as pipeline
 from conftest import REPO_ROOT, SETTING_NAMES, reset_process_state
-from model_servers import FakeOllamaServer, FakeOpenAIServer, FakePCServer, free_port
+from fake_ollama_server import FakeOllamaServer
+from fake_openai_server import FakeOpenAIServer
+from fake_pc_server import FakePCServer
+from fake_server_base import free_port
 
 SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
 ANSWER = "분석 결과: 서울 고객이 가장 많습니다. Seoul has the most customers."

@@ -9,7 +9,8 @@ import pytest
 import resources
 from conftest import make_settings
 from errors import ModelAPIError, QueryError
-from model_servers import FakeOllamaServer, FakePCServer
+from fake_ollama_server import FakeOllamaServer
+from fake_pc_server import FakePCServer
 from runner import Question, RunResult, run_pipeline, run_question
 
 ANSWER = "one two three four five six seven eight"
