@@ -86,9 +86,15 @@ def trust_context(ca_bundle: str | None = None, setting: str = SETTING) -> ssl.S
     changes); safe to share between threads. Raises ConfigError for an unusable bundle."""
     key = None
     if ca_bundle:
+        try:
+            stat = os.stat(ca_bundle)
+            key = (os.path.abspath(ca_bundle), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = None
+        with _contexts_lock:
+            if key is not None and key in _contexts:  # every worker thread's session asks: checked once
+                return _contexts[key]
         check_ca_bundle(ca_bundle, setting)
-        stat = os.stat(ca_bundle)
-        key = (os.path.abspath(ca_bundle), stat.st_mtime_ns, stat.st_size)
     with _contexts_lock:
         context = _contexts.get(key)
         if context is None:
