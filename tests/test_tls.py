@@ -21,7 +21,7 @@ from fake_ollama_server import FakeOllamaServer
 from fake_pc_server import FakePCServer
 from fake_server_base import DEFAULT_ANSWER
 from http_transport import HttpTransport, TransportOptions
-from model_clients import Sleeps, drain, make_client, make_server, settings_for
+from model_clients import Sleeps, drain, make_client, settings_for
 from server_client import ServerClient, transport_options
 from test_pipeline import run  # noqa: F401 - the command-line fixture
 
