@@ -34,7 +34,8 @@ from dotenv import dotenv_values
 
 from errors import ConfigError
 from masking import mask_secrets, mask_url_password, url_passwords
-from setting_parsers import Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PostgresUrl, Verbatim
+from setting_parsers import (Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PemFile, PostgresUrl,
+                             Verbatim)
 
 PROTOCOLS = ("auto", "pc", "ollama", "openai")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -97,7 +98,8 @@ class Settings:
     model_name: str = setting(
         "MODEL_NAME", "phi4", Parser(), "model for Ollama and OpenAI-compatible servers (the pc server has one model)")
     api_key: str | None = setting(
-        "API_KEY", None, Parser(), "bearer token for OpenAI-compatible servers; never logged", secret=True)
+        "API_KEY", None, Parser(), "bearer token sent to the model server (OpenAI-compatible servers, or a proxy "
+        "in front of the PC); never logged", secret=True)
     api_timeout: float = setting(
         "API_TIMEOUT", "300", FloatRange(0, 86400, low_inclusive=False),
         "seconds the whole answer may take; when streaming, the longest silence between two pieces")
@@ -120,6 +122,11 @@ class Settings:
     api_stream_max_seconds: float = setting(
         "API_STREAM_MAX_SECONDS", "0", FloatRange(0, 86400),
         "seconds a streamed answer may take in all (0: no limit; the partial answer is kept)")
+    # HTTPS to the model server with a private CA
+    api_ca_bundle: str | None = setting(
+        "API_CA_BUNDLE", None, PemFile(),
+        "PEM file of the CA that signed the model server's HTTPS certificate (Caddy's `root.crt`, mkcert's "
+        "`rootCA.pem`), trusted on top of the system's CAs; `REQUESTS_CA_BUNDLE` is not read")
     model_context_tokens: int = setting(
         "MODEL_CONTEXT_TOKENS", "16384", IntRange(256, 10_000_000),
         "the model's window (Phi-4: 16,384); prompt budget and Ollama's `num_ctx`")

@@ -56,6 +56,7 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
     if exposed:
         report.line(None, "settings", exposed, f"Fix: chmod 600 {settings.env_file}")
     _check_database(settings, report)
+    _check_links(settings, report)
     _check_model_server(settings, report)
     return report.exit_code()
 
@@ -102,6 +103,35 @@ def _check_model_server(settings: Settings, report: _Report) -> None:
         report.line(True, "model", f"{name} is ready")
     else:
         report.fail(ExitCode.MODEL_ERROR, "model", health.detail, health.fix)
+
+
+def _check_links(settings: Settings, report: _Report) -> None:
+    """Warnings about the link to the model server: credentials in clear, a public address over
+    plain HTTP, a CA bundle that nothing uses. Never a failure: the run may still work."""
+    try:
+        url = settings.api_base_url()
+    except ConfigError:
+        return  # the model server's check reports it
+    _check_link(url, settings, report)
+
+
+def _check_link(url: str, settings: Settings, report: _Report) -> None:
+    """One server's link: its URL as configured (a password in it is masked in every line)."""
+    import link_safety  # pure; the resolver waits at most a second for DNS
+
+    shown = config.mask_url_password(url)
+    for warning in (link_safety.credential_warning(url, bool(settings.api_key)),
+                    link_safety.public_address_warning(url, link_safety.bounded_resolver(1.0))):
+        if warning:
+            detail, _, fix = warning.partition(" Fix: ")
+            report.line(None, "link", detail, "Fix: " + fix if fix else None)
+    if url.lower().startswith("https:"):
+        trusted = f"the system's CAs and {settings.api_ca_bundle}" if settings.api_ca_bundle else "the system's CAs"
+        report.line(True, "TLS", f"{shown}: its certificate must be signed by {trusted}")
+    elif settings.api_ca_bundle:
+        report.line(None, "TLS", f"API_CA_BUNDLE is set but {shown} is plain HTTP: nothing is encrypted",
+                    "Fix: use the https:// URL of the TLS proxy in front of the server (README: 'Securing the link "
+                    "to the PC'), or unset API_CA_BUNDLE.")
 
 
 def readable_secrets_file(settings: Settings) -> str | None:

@@ -154,6 +154,16 @@ class ModelDisconnectedError(ModelConnectionError):
     """The connection broke after the request was sent: it may have reached the model (not retried)."""
 
 
+class ModelTLSError(ModelConnectionError):
+    """The HTTPS handshake failed (a certificate not trusted, for another name, expired ...).
+
+    A connection error: nothing was sent, so the request may go to another server, and the
+    exit code is the unreachable server's. Not retried: a certificate does not change by waiting.
+    """
+
+    code = "TLS_ERROR"
+
+
 class ModelTimeoutError(ModelAPIError):
     """The model server accepted the request but did not answer in time."""
 

@@ -15,8 +15,12 @@
   follow :mod:`retry_policy`. Sleep and clock are constructor arguments: tests need not wait.
 * **Bounded reading.** A body over ``API_MAX_RESPONSE_BYTES`` is refused; streamed lines are
   split in linear time, each at most ``MAX_LINE_BYTES`` (:class:`http_bodies.LineSplitter`).
-* **Errors** leave as the project's own, with ``url=`` and, for streams, the partial answer
-  and the stats so far.
+* **TLS.** An https server is verified against the system's CAs, certifi's and the options'
+  ``ca_bundle`` (one ``ssl.SSLContext`` from :mod:`tls` on each adapter); never turned off.
+* **Credentials in clear** (``API_KEY``, URL passwords) to another machine over plain HTTP: one
+  warning when the transport is built (:mod:`link_safety`).
+* **Errors** leave as the project's own (worded in :mod:`transport_errors`), with ``url=`` and,
+  for streams, the partial answer and the stats so far.
 """
 
 from __future__ import annotations
@@ -24,45 +28,34 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+from urllib3.util.ssl_match_hostname import CertificateError
 
-from errors import BadResponseError, ModelAPIError, ModelConnectionError, ModelDisconnectedError, ModelTimeoutError
+import link_safety
+import tls
+import transport_errors
+from errors import ModelAPIError, ModelConnectionError, ModelTimeoutError
 from http_bodies import MAX_LINE_BYTES, LineSplitter, decode, shorten
-from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, RetryPolicy, backoff
+from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, backoff
+# Re-exported: callers import these from here.
+from transport_errors import timeout_error  # noqa: F401
+from transport_options import DEFAULT_MAX_RESPONSE_BYTES, TransportOptions  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 USER_AGENT = "laptop-model-api-client/1.0 " + requests.utils.default_user_agent()
 
 Sleep = Callable[[float], None]
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class TransportOptions:
-    """How to talk to one server. Field names follow the settings they come from."""
-
-    connect_timeout: float = 5.0  # API_CONNECT_TIMEOUT
-    read_timeout: float = 300.0  # API_TIMEOUT: whole non-streamed answer; silence between streamed pieces
-    health_timeout: float = 5.0  # API_HEALTH_TIMEOUT: probes and health checks
-    retry: RetryPolicy = field(default_factory=RetryPolicy)  # API_MAX_ATTEMPTS, API_RETRY_AFTER_MAX
-    use_env_proxy: bool = False  # API_USE_ENV_PROXY
-    api_key: str | None = None  # API_KEY, sent as a bearer token; never logged
-    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # API_MAX_RESPONSE_BYTES
-    stream_max_seconds: float = 0.0  # API_STREAM_MAX_SECONDS; 0 = no total limit for a stream
-    # TLS: a CA bundle (PEM file) that signs this server's certificate; None = the system's store.
-    ca_bundle: str | None = None
 
 
 class _ConnectRetry(Retry):
@@ -95,6 +88,32 @@ class _ConnectRetry(Retry):
         self.retrying()
 
 
+class _TrustAdapter(HTTPAdapter):
+    """An adapter whose HTTPS connections verify against one ``ssl.SSLContext`` (:func:`tls.trust_context`),
+    through requests' subclassing hooks; ``None`` keeps requests' own verification."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, **kwargs: Any) -> None:
+        self._ssl_context = ssl_context  # before super().__init__, which builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **pool_kwargs: Any) -> None:
+        if self._ssl_context is not None:
+            pool_kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **pool_kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        if self._ssl_context is not None:
+            proxy_kwargs.setdefault("ssl_context", self._ssl_context)
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, verify, cert)
+        if self._ssl_context is not None and verify is True:
+            # The context already holds every CA to trust; left set, certifi's file would be
+            # loaded into it again for every new connection.
+            conn.ca_certs = conn.ca_cert_dir = None
+
+
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     """The exception and what it wraps (requests and urllib3 nest the socket error a few levels deep)."""
     for _ in range(8):
@@ -120,6 +139,12 @@ def read_timed_out(exc: BaseException) -> bool:
     """A read timeout, also when it is reported as ConnectionError("Read timed out")."""
     kinds = (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)
     return any(isinstance(seen, kinds) for seen in _causes(exc))
+
+
+def tls_cause(exc: BaseException) -> BaseException:
+    """The ``ssl`` error (or urllib3's host name mismatch) inside a requests SSLError."""
+    kinds = (ssl.SSLError, CertificateError)
+    return next((seen for seen in _causes(exc) if isinstance(seen, kinds)), exc)
 
 
 def connect_reason(exc: BaseException) -> str:
@@ -232,75 +257,35 @@ class Reply:
 
         max_line = min(MAX_LINE_BYTES, self._options.max_response_bytes)
 
-        def too_long(size: int) -> BadResponseError:
-            return BadResponseError(
-                f"The stream from {self.url} sent a line of more than {max_line:,} bytes without a newline "
-                f"({size:,} so far): not a model server's stream of events.",
-                hint="Check that API_BASE_URL points at the model server and API_PROTOCOL matches it.", **context())
+        def too_long(size: int) -> ModelAPIError:
+            return transport_errors.line_too_long(max_line, size, **context())
 
         splitter = LineSplitter(max_line, too_long)
         try:
             for chunk in self._chunks(8192):
                 yield from map(decode, splitter.feed(chunk))
                 if self._deadline is not None and self._clock() > self._deadline:
-                    limit = self._options.stream_max_seconds
-                    raise ModelTimeoutError(
-                        f"The stream from {self.url} ran longer than API_STREAM_MAX_SECONDS={limit:g}s; it was "
-                        f"stopped after {len(context().get('partial_text', ''))} characters of the answer.",
-                        hint="The partial answer was kept. Raise API_STREAM_MAX_SECONDS (0 = no limit) or lower "
-                        "MAX_NEW_TOKENS.", **context())
+                    raise transport_errors.stream_too_long(self._options.stream_max_seconds,
+                                                           len(context().get("partial_text", "")), **context())
             rest = splitter.finish()
             if rest.strip():
                 yield decode(rest)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             if read_timed_out(exc):
-                value = self._options.read_timeout
-                raise timeout_error("API_TIMEOUT", value, "accepted the request but then sent nothing for the "
-                                    f"read timeout of API_TIMEOUT={value:g}s between two pieces", **context()) from exc
-            raise BadResponseError(
-                f"The stream from {self.url} ended early: the connection broke ({shorten(str(exc), 120)}), after "
-                f"{len(context().get('partial_text', ''))} characters of the answer.",
-                hint="The partial answer was kept. Check the PC server's console; try again.", **context(),
-            ) from exc
+                raise transport_errors.stream_silent(self._options.read_timeout, **context()) from exc
+            raise transport_errors.stream_cut(str(exc), len(context().get("partial_text", "")),
+                                              **context()) from exc
 
     # --- errors ---
 
-    def _too_big(self, what: str) -> BadResponseError:
-        return BadResponseError(
-            f"The answer from {self.url} is too large: it {what}, more than API_MAX_RESPONSE_BYTES="
-            f"{self._options.max_response_bytes:,} accepts; it was not read.",
-            hint="Raise API_MAX_RESPONSE_BYTES if answers this large are expected, or lower MAX_NEW_TOKENS.",
-            url=self.url, status=self.status,
-        )
+    def _too_big(self, what: str) -> ModelAPIError:
+        return transport_errors.too_big(self.url, self.status, what, self._options.max_response_bytes)
 
     def _read_failure(self, exc: BaseException | None, size: int = 0) -> ModelAPIError:
         """The whole-body read failed: the deadline passed (``exc`` None), silence, or a broken connection."""
-        setting, value = self._timeout_setting
-        if exc is None:
-            what = (f"was still sending its answer when {setting}={value:g}s ran out ({size:,} bytes had arrived; "
-                    "they were discarded)")
-            return timeout_error(setting, value, what, url=self.url, status=self.status)
-        if read_timed_out(exc):
-            what = f"started answering but then sent nothing for the read timeout of {setting}={value:g}s"
-            return timeout_error(setting, value, what, url=self.url, status=self.status)
-        return BadResponseError(
-            f"The answer from {self.url} was cut off or garbled in transit: {shorten(str(exc), 160)}.",
-            hint="Check the PC server's console (did it crash mid-answer?) and try again.",
-            url=self.url, status=self.status,
-        )
-
-
-def timeout_error(setting: str, value: float, what: str, *, url: str, **context: Any) -> ModelTimeoutError:
-    """The server took too long (``what`` says how); never retried, so the hint says why."""
-    streamed = context.get("partial_text") is not None
-    return ModelTimeoutError(
-        f"The model server at {url} {what}.",
-        hint=("The partial answer was kept. " if streamed else "")
-        + f"Fix: raise {setting} (or --timeout) if answers legitimately take longer"
-        + ("" if streamed else ", lower MAX_NEW_TOKENS, or use streaming")
-        + ". The request was not retried: the PC may still be generating, and it serves one request at a time.",
-        url=url, **context,
-    )
+        if exc is not None and not read_timed_out(exc):
+            return transport_errors.cut_off(self.url, self.status, str(exc))
+        return transport_errors.read_too_slow(self.url, self.status, *self._timeout_setting, size, exc is None)
 
 
 class HttpTransport:
@@ -325,6 +310,9 @@ class HttpTransport:
         # Every thread's sessions, for close(); weak, so a finished thread's session goes with it.
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
+        warning = link_safety.credential_warning(self.base_url, bool(self.options.api_key))
+        if warning:  # once per transport: a run builds one per server
+            logger.warning("%s%s", warning[0].upper(), warning[1:])
 
     # --- sessions ---
 
@@ -345,16 +333,15 @@ class HttpTransport:
         session.headers["User-Agent"] = USER_AGENT
         if options.api_key:
             session.headers["Authorization"] = f"Bearer {options.api_key}"
-        # TLS settings for this server go here (one CA bundle per server).
-        if options.ca_bundle:
-            session.verify = options.ca_bundle
         retry = _ConnectRetry(total=None, connect=connect_retries, read=False, redirect=0, status=0, other=0,
                               raise_on_status=False)
         retry.pause = self._sleep
         retry.schedule = lambda attempt: options.retry.backoff(attempt, self._rand)
         retry.target = self.base_url
         retry.retrying = self._attempt_starts
-        adapter = HTTPAdapter(max_retries=retry)
+        # https: verified against the system's CAs, certifi's and the CA bundle; ConfigError for a bad bundle.
+        context = tls.trust_context(options.ca_bundle) if self.base_url.lower().startswith("https:") else None
+        adapter = _TrustAdapter(context, max_retries=retry)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         logger.debug("Proxy settings from the environment (HTTP_PROXY, NO_PROXY ...) for %s: %s", self.base_url,
@@ -454,6 +441,8 @@ class HttpTransport:
         try:
             response = self._session(connect_retries).request(
                 method, url, data=data, headers=headers, timeout=timeouts, stream=True)
+        except requests.exceptions.SSLError as exc:  # the handshake failed: nothing was sent
+            raise tls.tls_error(url, tls_cause(exc), self.options.ca_bundle) from exc
         except requests.ConnectionError as exc:
             # ConnectTimeout and ProxyError are ConnectionErrors too; a ReadTimeout is not. A
             # connection dropped after the request was sent may have reached the model: a GET is
@@ -462,11 +451,7 @@ class HttpTransport:
                 raise self._connection_error(url, exc, connect_retries + 1) from exc
             if method == "GET" and attempt < attempts:
                 return None
-            raise ModelDisconnectedError(
-                f"The model server at {url} closed the connection without answering ({shorten(str(exc), 160)}). "
-                "The request may have reached it, so it was not retried.",
-                hint="Check the PC server's console (did it crash or restart?), then try again.", url=url,
-            ) from exc
+            raise transport_errors.disconnected(url, str(exc)) from exc
         except requests.Timeout as exc:  # ReadTimeout: the request reached the server
             raise self._timeout_error(url, health) from exc
         except requests.RequestException as exc:
@@ -502,26 +487,12 @@ class HttpTransport:
     # --- errors ---
 
     def _connection_error(self, url: str, exc: BaseException, attempts: int) -> ModelConnectionError:
-        reason = connect_reason(exc)
-        port = urlsplit(url).port or (443 if url.startswith("https:") else 80)
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        timeout = ""
-        if isinstance(exc, requests.ConnectTimeout):
-            timeout = f" within API_CONNECT_TIMEOUT={self.options.connect_timeout:g}s"
-        checks = [
-            f"Is the model server running on the PC (and listening on port {port})?",
-            f"Is PC_IP / API_BASE_URL right? (tried {self.base_url})",
-            f"Is TCP port {port} open in the Windows firewall for the LAN (setup_firewall.ps1)?",
-        ]
-        if isinstance(exc, requests.exceptions.ProxyError):
-            checks.insert(0, "Unset HTTP_PROXY or set API_USE_ENV_PROXY=false (the default).")
-        return ModelConnectionError(
-            f"Cannot connect to the model server at {url}: {reason}{timeout}{tries}.",
-            hint="Check:\n  - " + "\n  - ".join(checks), url=url,
-        )
+        timeout = self.options.connect_timeout if isinstance(exc, requests.ConnectTimeout) else None
+        return transport_errors.connection_error(
+            url, self.base_url, connect_reason(exc), attempts=attempts, connect_timeout=timeout,
+            proxy_failed=isinstance(exc, requests.exceptions.ProxyError))
 
     def _timeout_error(self, url: str, health: bool) -> ModelTimeoutError:
         setting, value = ("API_HEALTH_TIMEOUT", self.options.health_timeout) if health else (
             "API_TIMEOUT", self.options.read_timeout)
-        return timeout_error(setting, value, "accepted the request but sent no answer within the read timeout "
-                             f"of {setting}={value:g}s", url=url)
+        return transport_errors.no_answer(url, setting, value)

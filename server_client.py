@@ -58,6 +58,7 @@ def transport_options(settings: config.Settings) -> TransportOptions:
         api_key=settings.api_key,
         max_response_bytes=settings.api_max_response_bytes,
         stream_max_seconds=settings.api_stream_max_seconds,
+        ca_bundle=settings.api_ca_bundle,  # a server's own #ca=PATH replaces it (dataclasses.replace)
     )
 
 

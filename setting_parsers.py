@@ -7,9 +7,12 @@ marks values that may carry a password in their user-info part (masked wherever 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
+
+from tls import ca_bundle_problem
 
 
 class Parser:
@@ -133,3 +136,16 @@ class PostgresUrl(Parser):
                 raise ValueError("a URL whose port is a number from 1 to 65535, "
                                  "as in postgresql://user:password@localhost:5432/dbname")
         return value
+
+
+class PemFile(Parser):
+    """A PEM file of CA certificates that exists and loads (``~`` expanded; relative: to the current folder)."""
+
+    values = "path to a PEM file"
+
+    def __call__(self, raw: str) -> str:
+        path = os.path.expanduser(raw.strip())
+        problem = ca_bundle_problem(path)
+        if problem:
+            raise ValueError(f"a PEM file of CA certificates ({path} {problem})")
+        return path

@@ -21,12 +21,14 @@ import json
 import re
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
 from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable, NamedTuple
+from urllib.parse import urlsplit
 
 DEFAULT_ANSWER = "분석 결과: 매출이 지난달보다 12% 늘었습니다. Sales grew 12% month over month."
 HTML_502_PAGE = (
@@ -116,10 +118,18 @@ class _HTTPServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that closes its keep-alive connection abruptly (a stream stopped early) is
-        # normal here, not a server error worth a traceback.
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        # A client that closes its keep-alive connection abruptly (a stream stopped early), or
+        # that refuses the certificate in TLS mode, is normal here, not a server error worth a traceback.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ssl.SSLError)):
             super().handle_error(request, client_address)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.fake.tls is not None:
+            # The handshake happens on the handler's first read, in its own thread: a client that
+            # stalls or refuses the certificate never blocks the accept loop.
+            sock = self.fake.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), which can stall on a machine with slow DNS.
@@ -155,6 +165,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (UnicodeDecodeError, ValueError):
             body = None
         path = self.path.split("?", 1)[0]
+        if "://" in path:  # absolute form: the client sent it as to a proxy (HTTP_PROXY pointing here)
+            path = urlsplit(path).path or "/"
         fake._record(RecordedRequest(method, path, body, dict(self.headers.items()), self.client_address[:2]))
         with fake._serial_lock if fake.serial else nullcontext():
             try:
@@ -292,6 +304,11 @@ class FakeServer:
         long_line: start a stream with that many bytes without a newline (not a line protocol).
         drop: close the connection on a generation request without answering (a crash, or a
             proxy dropping it): the request may have reached the model.
+        tls: a server-side ``ssl.SSLContext`` holding the certificate: serve HTTPS (``base_url``
+            is then ``https://``), e.g. from ``trustme``: ``ca.issue_cert("127.0.0.1").configure_cert(ctx)``.
+
+    The server also answers requests in absolute form (``GET http://host/path``), so a test can
+    point ``HTTP_PROXY`` at it and reach any URL through loopback only.
 
     Inspection: ``requests`` (every request), ``count()``, ``generations`` (generation POSTs),
     ``peak_generations`` (most generations in progress at once), ``disconnects``, ``pieces_sent``.
@@ -324,6 +341,7 @@ class FakeServer:
         trickle: float | None = None,
         long_line: int | None = None,
         drop: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.answer = answer
         self.host = host
@@ -350,6 +368,7 @@ class FakeServer:
         self.trickle = trickle
         self.long_line = long_line
         self.drop = drop
+        self.tls = tls
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         self.pieces_sent = 0
@@ -367,7 +386,7 @@ class FakeServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> FakeServer:
         if self.start_delay > 0:
