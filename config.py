@@ -9,8 +9,8 @@ settings table (:func:`settings_table`; ``python config.py --update-readme``).
 Adding a setting means adding one field.
 
 Precedence, highest first: explicit overrides (the CLI's flags), the real
-environment, a ``.env`` file (``./.env``, or the file named by ``ENV_FILE``),
-then the declared defaults. Nothing here runs at import time: call
+environment, a ``.env`` file (the file named by ``ENV_FILE``, else ``./.env``, else
+the ``.env`` beside the scripts: :mod:`env_files`), then the declared defaults. Nothing here runs at import time: call
 :func:`load_settings` and pass the result to the code that needs it.
 
 ``Config`` keeps the class-level API older scripts use (``Config.get_api_url()``,
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
-from dotenv import dotenv_values
-
+import env_files
 from errors import ConfigError
 from masking import mask_secrets, mask_url_password, url_passwords
 from setting_parsers import Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PostgresUrl, Verbatim
@@ -292,35 +291,6 @@ def _not_configured(name: str, value: str, settings: Settings) -> ConfigError:
     )
 
 
-def _read_env_file(path: Path) -> dict[str, str | None]:
-    try:
-        return dict(dotenv_values(path, encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"Cannot read {path}: it is not UTF-8 ({exc.reason}).",
-            hint="Fix: save the file as UTF-8.",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"Cannot read {path}: {exc.strerror}.", hint="Fix: check the file's permissions.") from None
-
-
-def _env_file_values(
-    given: Mapping[str, Any], environ: Mapping[str, str], env_file: str | os.PathLike[str] | None
-) -> tuple[Path, dict[str, str | None], bool]:
-    """The .env file to read, its values, and whether it was named explicitly."""
-    explicit = env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"The env file {path} does not exist.",
-                hint="Fix: check the path given by --env-file or ENV_FILE, or create it: cp .env.example .env",
-            )
-        return path, _read_env_file(path), True
-    path = Path(".env")
-    return path, (_read_env_file(path) if path.is_file() else {}), False
-
-
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -331,8 +301,9 @@ def load_settings(
     Args:
         overrides: explicit values by variable name (``{"API_PORT": 9000}``); None values are ignored.
         environ: the environment to read (default ``os.environ``).
-        env_file: the .env file; default ``ENV_FILE`` from overrides/environment, else ``./.env``
-            if it exists. An explicitly named file that does not exist is an error.
+        env_file: the .env file; default ``ENV_FILE`` from overrides/environment, else ``./.env``,
+            else the ``.env`` beside the scripts, if one exists (see :mod:`env_files`). An explicitly
+            named file that does not exist is an error; ``/dev/null`` or an empty file sets nothing.
 
     Raises:
         ConfigError: listing every bad value, its variable, where it came from and what is expected.
@@ -342,7 +313,8 @@ def load_settings(
     unknown = sorted(set(given) - set(_BY_NAME) - {"ENV_FILE"})
     if unknown:
         raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}.")
-    path, file_values, explicit = _env_file_values(given, environ, env_file)
+    found = env_files.find_env_file(env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None)
+    path, file_values = found.path, found.values
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -376,7 +348,7 @@ def load_settings(
             hint="Fix: correct the value in .env (or the environment variable / flag named above); "
             "see .env.example for every setting.",
         )
-    return Settings(**values, env_file=str(path) if file_values or explicit else None, sources=sources)
+    return Settings(**values, env_file=str(path) if path is not None else None, sources=sources)
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:

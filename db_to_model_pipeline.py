@@ -28,6 +28,7 @@ from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command
 from cli_output import MaskedStream, error_info, format_stats, json_document, write_atomically
 from config import Settings
 from doctor import run_checks
+from env_files import describe_env_file
 from errors import ConfigError, ExitCode, PipelineError, Terminated
 from resources import close_resources
 from runner import DEFAULT_FETCH_ROWS, Question, RunResult, run_pipeline, run_question
@@ -119,6 +120,7 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         settings = config.load_settings(overrides)
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
+        logger.info("Settings from %s", describe_env_file(settings.env_file, settings.sources))
         command = prepare(args, settings, console.stdin, console.out.isatty())
         run = RunResult(command.question.query)
         _run(command, run, console)

@@ -218,7 +218,8 @@ def test_check_server_health_false_when_not_configured(monkeypatch, caplog):
 
 def _health_command(tmp_path: Path, port: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and not k.startswith(("API_", "PC_", "MODEL_"))}
-    env.update(PC_IP="127.0.0.1", API_PORT=str(port), API_HEALTH_TIMEOUT="2", PYTHONPATH=str(REPO))
+    env.update(PC_IP="127.0.0.1", API_PORT=str(port), API_HEALTH_TIMEOUT="2", PYTHONPATH=str(REPO),
+               ENV_FILE=os.devnull)  # no .env beside the scripts
     code = "from model_api_client import check_server_health; print(check_server_health())"
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
 
