@@ -30,6 +30,7 @@ from config import Settings
 from doctor import run_checks
 from env_files import describe_env_file
 from errors import ConfigError, ExitCode, PipelineError, Terminated
+from progress import Spinner
 from resources import close_resources
 from runner import DEFAULT_FETCH_ROWS, Question, RunResult, run_pipeline, run_question
 
@@ -162,10 +163,13 @@ def _run(command: Command, run: RunResult, console: _Console) -> None:
             console.out.write(piece)
             console.out.flush()
 
+    def waiting(server: str) -> Spinner:  # on a terminal only, and not with -q
+        return Spinner(f"waiting for the answer from {server} ...", stream=console.err, quiet=console.quiet)
+
     if not command.dry_run:
         console.progress(f"Querying {command.settings.db_display()} ...")
     run_question(command.question, command.settings, run, stream=command.stream, on_text=on_text,
-                 dry_run=command.dry_run, progress=console.progress)
+                 dry_run=command.dry_run, progress=console.progress, waiting=waiting)
 
 
 def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
