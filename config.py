@@ -45,6 +45,9 @@ TABLE_END = "<!-- end of the generated settings table -->"
 # Values of the widely copied example .env that cannot work until edited.
 _PLACEHOLDER_VALUES = {"your_database", "your_user", "your_password", "your_api_key"}
 _PLACEHOLDER_PATTERN = re.compile(r"(XXX|YYY|<[^>]*>)", re.IGNORECASE)
+# Added to "the model server is not configured" errors: a way to see the chain work before the PC is ready.
+DEMO_SERVER_TIP = ("No PC yet? Try the whole chain with the demo server: python demo_model_server.py "
+                   "(in another terminal), then API_BASE_URL=http://127.0.0.1:8000.")
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -185,7 +188,7 @@ class Settings:
             raise ConfigError(
                 "The model server is not configured yet: PC_IP is not set.",
                 hint="Fix: set PC_IP (the PC's LAN address, e.g. 192.168.0.10) or API_BASE_URL "
-                "in .env, or pass --api-url http://HOST:PORT.",
+                f"in .env, or pass --api-url http://HOST:PORT.\n{DEMO_SERVER_TIP}",
             )
         if is_placeholder(self.pc_ip):
             raise _not_configured("PC_IP", self.pc_ip, self)
@@ -285,9 +288,10 @@ def _not_configured(name: str, value: str, settings: Settings) -> ConfigError:
     place = {"flag": "on the command line", "environment": "in the environment"}.get(where, f"in {where}")
     if where == "default":
         place = "in .env"
+    tip = f"\n{DEMO_SERVER_TIP}" if name in ("PC_IP", "API_BASE_URL") else ""
     return ConfigError(
         f"{name} is not configured yet: it is still the example value {value!r}.",
-        hint=f"Fix: set {name} {place} to your real value (see .env.example).",
+        hint=f"Fix: set {name} {place} to your real value (see .env.example).{tip}",
     )
 
 
