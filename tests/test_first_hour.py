@@ -1,0 +1,89 @@
+"""The mistakes a new user makes in the first hour, and what the command answers.
+
+Usage errors in one line, parameters named before the query runs, prompt limits named by their
+flags, every message once. CLI behaviour runs in-process (the ``run`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import sql_guard
+from conftest import REPO_ROOT
+from fake_pc_server import FakePCServer
+from test_pipeline import run  # noqa: F401  (the fixture)
+
+EXAMPLE_SQL = str(REPO_ROOT / "examples" / "low_rated_reviews.sql")
+
+
+# --- usage errors: one line ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--max-rows", "0"], "error: --max-rows: expected a number of 1 or more, got 0 (see --help)"),
+        (["--prompt-rows", "x"], "error: --prompt-rows: expected a whole number, got 'x' (see --help)"),
+        (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag (see --help)"),
+        (["--query", "SELECT 1", "--query-file", "q.sql"],
+         "error: --query-file: not allowed with argument --query (see --help)"),
+    ],
+)
+def test_a_usage_error_is_one_line(run, args, line):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr == line + "\n" and result.stdout == ""
+
+
+# --- %(name)s and --param -----------------------------------------------------------------
+
+
+def test_the_readme_example_without_its_param_names_the_flag(run):
+    result = run("--query-file", EXAMPLE_SQL, "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "Error [USAGE_ERROR]: The query uses %(max_rating)s, but no --param gives it a value." in result.stderr
+    assert "--param max_rating=..." in result.stderr and "syntax error" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_parameters_fail_before_the_query_runs(run):
+    with FakePCServer() as srv:
+        # The query would fail (exit 4: no such column) if it ran, and nothing reaches the server.
+        result = run("--query", "SELECT nope FROM customers WHERE city = %(city)s AND id > %(low)s",
+                     "--param", "city=서울", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 2, result.stderr
+    assert "The query uses %(low)s, but" in result.stderr and "--param low=..." in result.stderr
+    assert srv.requests == []
+
+
+def test_an_unused_param_is_warned_about_once(run):
+    result = run("--query-file", EXAMPLE_SQL, "--param", "max_rating=2", "--param", "city=서울", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("--param city is not used: the query has no %(city)s placeholder.") == 1
+    assert "max_rating is not used" not in result.stderr
+
+
+def test_placeholders_in_literals_and_comments_are_text_when_no_param_is_given(run):
+    result = run("--query", "SELECT '%(x)s' AS a, 1 AS \"%(y)s\" -- %(z)s", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "| %(x)s | 1 |" in result.stdout
+
+
+def test_a_positional_placeholder_says_to_name_it(run):
+    result = run("--query", "SELECT name FROM customers WHERE city = %s", "--dry-run")
+    assert result.returncode == 2
+    assert "positional %s placeholder" in result.stderr and "%(city)s" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sql", "bound", "found"),
+    [
+        ("SELECT %(a)s, '%(b)s' -- %(c)s\n/* %(d)s */", False, ["a"]),
+        ("SELECT %(a)s, '%(b)s' -- %(c)s\n/* %(d)s */", True, ["a", "b"]),  # psycopg2 reads inside quotes too
+        ('SELECT $$%(a)s$$, E\'%(b)s\', U&"%(c)s", "%(d)s", %(e)s', False, ["e"]),
+        ("SELECT 5 %% 2, %s, %(a)s", True, ["%s", "a"]),
+        ("SELECT 'unterminated %(a)s", False, ["a"]),  # the lexer fails: the statement check reports it
+    ],
+)
+def test_placeholders_by_postgresqls_lexer(sql, bound, found):
+    assert sql_guard.placeholders(sql, bound=bound) == found
