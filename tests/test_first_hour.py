@@ -87,3 +87,21 @@ def test_a_positional_placeholder_says_to_name_it(run):
 )
 def test_placeholders_by_postgresqls_lexer(sql, bound, found):
     assert sql_guard.placeholders(sql, bound=bound) == found
+
+
+# --- prompt limits: the flags and settings that set them -----------------------------------
+
+
+def test_a_tiny_budget_names_the_flags_and_settings(run):
+    result = run("--query", "SELECT repeat('가', 400) AS long_text", "--prompt-budget", "50", "--dry-run")
+    assert result.returncode == 2
+    for name in ("--prompt-budget (now 50 tokens", "MODEL_CONTEXT_TOKENS", "MAX_NEW_TOKENS", "--max-cell-chars",
+                 "--prompt-rows", "--template"):
+        assert name in result.stderr, name
+    assert "max_tokens / context size" not in result.stderr
+
+
+def test_a_character_limit_names_its_flag(run):
+    result = run("--query", "SELECT 1 AS x", "--prompt-max-chars", "40", "--dry-run")
+    assert result.returncode == 2
+    assert "--prompt-max-chars (now 40)" in result.stderr and "--template" in result.stderr
