@@ -173,9 +173,10 @@ def _run(command: Command, run: RunResult, console: _Console) -> None:
 
 
 def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
-    """The report step after a run that finished: the answer, prompt or JSON, then the statistics."""
-    for warning in run.warnings:
-        console.progress(f"Warning: {warning}")
+    """The report step after a run that finished: the answer, prompt or JSON, then the statistics.
+
+    The prompt's warnings (``run.warnings``) were logged as the prompt was built: not repeated here.
+    """
     if not run.rows:
         console.progress("The query returned no rows: nothing was sent to the model.")
         if command.json:

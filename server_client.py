@@ -306,10 +306,12 @@ class ServerClient:
             logger.debug("Unexpected error during the health check", exc_info=True)
             report = HealthReport(ok=False, reachable=False, protocol=self.protocol, detail=f"Unexpected error: {exc!r}")
         report.server = self.display_url
+        # Info, not a warning: the report is returned, and whoever asked reports it (--check prints
+        # it once, check_server_health() warns with it).
         if report.ok:
             logger.info("Model server healthy: %s", report.detail)
         else:
-            logger.warning("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
+            logger.info("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
         return report
 
     # --- lifetime ---

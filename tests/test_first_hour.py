@@ -11,6 +11,7 @@ import pytest
 import sql_guard
 from conftest import REPO_ROOT
 from fake_pc_server import FakePCServer
+from fake_server_base import free_port
 from test_pipeline import run  # noqa: F401  (the fixture)
 
 EXAMPLE_SQL = str(REPO_ROOT / "examples" / "low_rated_reviews.sql")
@@ -105,3 +106,26 @@ def test_a_character_limit_names_its_flag(run):
     result = run("--query", "SELECT 1 AS x", "--prompt-max-chars", "40", "--dry-run")
     assert result.returncode == 2
     assert "--prompt-max-chars (now 40)" in result.stderr and "--template" in result.stderr
+
+
+# --- every message once ------------------------------------------------------------------
+
+
+def test_check_reports_a_model_server_failure_once(run):
+    result = run("--check", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}", "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 5
+    assert result.stdout.count("Cannot connect to the model server") == 1
+    assert "Cannot connect" not in result.stderr and "not ready" not in result.stderr
+
+
+def test_a_template_without_data_warns_once(run):
+    result = run("--query", "SELECT 1 AS x", "--template", "Summarise the rows.", "--dry-run")
+    assert result.returncode == 0
+    assert result.stderr.count("The template has no {data} placeholder") == 1
+
+
+def test_the_database_error_names_both_routes(run):
+    result = run("--query", "SELECT 1", env={"DATABASE_URL": f"postgresql://x@127.0.0.1:{free_port()}/db",
+                                             "DB_CONNECT_RETRIES": "0", "PC_IP": "127.0.0.1"})
+    assert result.returncode == 3
+    assert "docker compose up -d" in result.stderr and "python load_sample_db.py" in result.stderr
