@@ -129,7 +129,9 @@ def _output_options(o: argparse._ArgumentGroup) -> None:
     o.add_argument("--output", metavar="FILE", help="also save the answer (or the JSON with --json) to FILE")
     o.add_argument("--dry-run", action="store_true", help="print the prompt that would be sent; contact no model server")
     o.add_argument("--check", action="store_true", help="check settings, database and model server, then exit")
-    o.add_argument("--env-file", metavar="FILE", help="read settings from FILE instead of ./.env")
+    o.add_argument("--env-file", metavar="FILE",
+                   help="read settings from FILE instead of .env (./.env, else the one beside the scripts); "
+                   "/dev/null: none")
     o.add_argument("--log-file", metavar="FILE", help="LOG_FILE (default laptop_client.log; '' for none)")
     verbosity = o.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (SQL included) and tracebacks")
