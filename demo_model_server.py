@@ -1,21 +1,20 @@
 #!/usr/bin/env python3
 """A demo model server on this laptop: try the whole chain before the PC is ready.
 
-    python demo_model_server.py                      # the pc protocol on http://127.0.0.1:8000
-    python demo_model_server.py --protocol ollama    # or openai; --port N; --host ADDRESS
+    python demo_model_server.py [--protocol pc|ollama|openai] [--port 8000] [--host 127.0.0.1]
 
-It speaks the real protocols (``pc``: ``GET /api/health``, ``POST /api/generate`` with stats;
-``ollama``: ``/api/version``, ``/api/tags``, ``/api/chat`` with NDJSON streaming and durations in
-nanoseconds; ``openai``: ``/v1/models``, ``/v1/chat/completions`` with SSE streaming and usage),
-so protocol detection, streaming and statistics work exactly as with a real server. There is no
-model: every answer is a canned text that says it comes from this demo and how much it received.
-Standard library only. It listens on loopback unless ``--host`` says otherwise.
+It speaks the real protocols (pc: ``/api/health``, ``/api/generate`` with stats; Ollama:
+``/api/version``, ``/api/tags``, ``/api/chat`` with NDJSON streaming and nanosecond durations;
+OpenAI-compatible: ``/v1/models``, ``/v1/chat/completions`` with SSE streaming and usage), so
+detection, streaming and statistics work as with a real server. There is no model: answers are
+canned text saying they come from this demo and what it received. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socketserver
 import sys
@@ -59,17 +58,11 @@ def pieces_of(text: str) -> list[str]:
 
 class _Handler(BaseHTTPRequestHandler):
     server: DemoHTTPServer
-    server_version = "demo_model_server/1.0"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the pipeline prints what matters
         pass
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_GET
-
-    def _dispatch(self) -> None:
+    def do_GET(self) -> None:  # and POST: the protocol's method decides
         method = self.command
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -82,6 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             getattr(self, "_" + self.server.demo.protocol)(method, path, body)
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (Ctrl-C): normal
             self.close_connection = True
+
+    do_POST = do_GET
 
     # --- writing ---
 
@@ -285,7 +280,7 @@ def banner(server: DemoServer) -> str:
         "Use it from the pipeline with either:",
         f"  API_BASE_URL={url}        (in .env or the environment; it overrides PC_IP and API_PORT)",
         f"  python db_to_model_pipeline.py --api-url {url} --query \"SELECT * FROM reviews LIMIT 5\"",
-        "Stop it with Ctrl-C.",
+        f"Stop it with Ctrl-C (started in the background: kill {os.getpid()}).",
     ]
     if not server.httpd.server_address[0].startswith("127.") and server.httpd.server_address[0] != "::1":
         lines.insert(1, "Note: it listens beyond this machine (--host); anyone on the network can reach it.")
@@ -307,9 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = DemoServer(args.protocol, args.host, args.port, args.speed, args.model)
     except OSError as exc:
-        sys.stderr.write(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}.\n"
-                         f"Fix: is another server (or demo) using port {args.port}? Choose another: --port "
-                         f"{args.port + 1}\n")
+        sys.stderr.write(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}.\nFix: is "
+                         f"another server (or demo) using the port? Choose another: --port {args.port + 1}\n")
         return 1
     print(banner(server), flush=True)
     try:
