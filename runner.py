@@ -200,20 +200,8 @@ def run_question(
     if progress:
         rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
         progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display_url} ...")
-    wait = waiting(client.display_url) if waiting else nullcontext()
     try:
-        if stream:
-            with wait:  # a server that does not stream (the pc one) sends everything here
-                generation = client.stream(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
-            with generation:
-                run.model_stats = generation.stats  # filled in as the answer arrives; kept on Ctrl-C
-                for piece in generation:
-                    run.pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
-        else:
-            with wait:
-                generation = client.generate(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
+        generation = _ask(client, prompt.text, q, max_new_tokens, run, stream, on_text, waiting)
         response = generation.text
         run.model_stats = generation.stats  # includes "server", the base URL that answered
     except ModelAPIError as exc:
@@ -226,6 +214,24 @@ def run_question(
     run.answer = response
     run.total_time = round(time.perf_counter() - started, 3)
     return run
+
+
+def _ask(client: Any, prompt: str, q: Question, max_new_tokens: int, run: RunResult, stream: bool,
+         on_text: Callable[[str], None] | None, waiting: Callable[[str], ContextManager[Any]] | None) -> Any:
+    """Send the prompt; a streamed answer's pieces go to ``run.pieces`` and ``on_text`` as they arrive."""
+    wait = waiting(client.display_url) if waiting else nullcontext()
+    if not stream:
+        with wait:
+            return client.generate(prompt, q.system_prompt, max_new_tokens, q.temperature)
+    with wait:  # a server that does not stream (the pc one) sends the whole answer here
+        generation = client.stream(prompt, q.system_prompt, max_new_tokens, q.temperature)
+    with generation:
+        run.model_stats = generation.stats  # filled in as the answer arrives; kept on Ctrl-C
+        for piece in generation:
+            run.pieces.append(piece)
+            if on_text:
+                on_text(piece)
+    return generation
 
 
 class _RecordedRows:
