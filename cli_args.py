@@ -9,19 +9,23 @@ typo, an ``--output`` that could not be written, an unconfigured model server.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, NoReturn, Sequence, TextIO
 
 import config
 import prompt_builder
 from cli_output import check_output_path
 from config import Settings
+import sql_guard
 from db_connector import check_read_only_query
-from errors import UsageError
+from errors import QueryError, UsageError
 from runner import DEFAULT_FETCH_ROWS, Question
+
+logger = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
@@ -52,8 +56,16 @@ SETTING_FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, not the whole usage block above the message."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --max-rows: expected ..." -> "error: --max-rows: expected ... (see --help)"
+        self.exit(2, f"error: {message.removeprefix('argument ')} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python db_to_model_pipeline.py",
         description="Run a read-only SQL query, turn the rows into a prompt, send it to the LLM server\n"
         "on the PC (this project's FastAPI server, Ollama or OpenAI-compatible) and print the answer.\n"
@@ -117,7 +129,9 @@ def _output_options(o: argparse._ArgumentGroup) -> None:
     o.add_argument("--output", metavar="FILE", help="also save the answer (or the JSON with --json) to FILE")
     o.add_argument("--dry-run", action="store_true", help="print the prompt that would be sent; contact no model server")
     o.add_argument("--check", action="store_true", help="check settings, database and model server, then exit")
-    o.add_argument("--env-file", metavar="FILE", help="read settings from FILE instead of ./.env")
+    o.add_argument("--env-file", metavar="FILE",
+                   help="read settings from FILE instead of .env (./.env, else the one beside the scripts); "
+                   "/dev/null: none")
     o.add_argument("--log-file", metavar="FILE", help="LOG_FILE (default laptop_client.log; '' for none)")
     verbosity = o.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (SQL included) and tracebacks")
@@ -175,6 +189,7 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
     if args.output:
         check_output_path(args.output)  # not after a long generation
     check_read_only_query(query)  # a refused write fails before anything else runs
+    check_params(query, params)  # a %(name)s without its --param fails before the query runs
     if template is not None:
         prompt_builder.check_template(template)  # a typo fails before the query runs
     if not args.dry_run:
@@ -189,6 +204,38 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
     stream = args.stream if args.stream is not None else (stdout_is_terminal and not args.json)
     return Command(settings, question, dry_run=args.dry_run, stream=stream, echo=stream and not args.json,
                    json=args.json, output=args.output)
+
+
+def check_params(query: str, params: dict[str, str] | None) -> None:
+    """Every ``%(name)s`` needs ``--param name=...``; a ``--param`` the query does not use is warned about.
+
+    Raises UsageError naming the missing parameters and the flag to give them, or for a
+    positional ``%s`` (which ``--param`` cannot fill).
+    """
+    used = sql_guard.placeholders(query, bound=params is not None)
+    if params is None and used:
+        try:  # "a %(b)s" may also be SQL (a % (b) AS s): placeholders only if it does not parse as written
+            sql_guard.check_statement(query, placeholders=False)
+            return
+        except QueryError:
+            pass
+    if "%s" in used:
+        raise UsageError(
+            "The query has a positional %s placeholder, which --param cannot fill.",
+            hint="Fix: name it, e.g. WHERE city = %(city)s with --param city=서울 (write a literal % as %%).",
+        )
+    names = list(dict.fromkeys(used))
+    missing = [name for name in names if name not in (params or {})]
+    if missing:
+        them = "it" if len(missing) == 1 else "them"
+        raise UsageError(
+            f"The query uses {' and '.join(f'%({name})s' for name in missing)}, but no --param gives {them} a value.",
+            hint=f"Fix: add {' '.join(f'--param {name}=...' for name in missing)} "
+            "(values are bound by the database driver, never pasted into the SQL).",
+        )
+    for name in params or {}:
+        if name not in names:
+            logger.warning("--param %s is not used: the query has no %%(%s)s placeholder.", name, name)
 
 
 def _read_text_file(path: str, what: str) -> str:

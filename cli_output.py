@@ -121,12 +121,17 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         if stats.get("generation_time") is not None:
             timing += f" (generation {_fmt_seconds(stats['generation_time'])})"
         parts.append(timing)
-    tokens = [f"{label} {stats[key]:,}" for key, label in (("input_tokens", "in"), ("generated_tokens", "out"))
-              if isinstance(stats.get(key), int)]
+    # "~": the client counted or timed it, because the server did not say (GenerationStats.measured).
+    measured = stats.get("measured") or ()
+    mark = {key: "~" if key in measured else "" for key in ("generated_tokens", "tokens_per_second")}
+    tokens = [f"{label} {mark.get(key, '')}{stats[key]:,}"
+              for key, label in (("input_tokens", "in"), ("generated_tokens", "out")) if isinstance(stats.get(key), int)]
     if tokens:
         parts.append("tokens " + " / ".join(tokens))
     if isinstance(stats.get("tokens_per_second"), (int, float)):
-        parts.append(f"{stats['tokens_per_second']:.1f} tok/s")
+        parts.append(f"{mark['tokens_per_second']}{stats['tokens_per_second']:.1f} tok/s")
+    if measured:
+        parts.append("~: measured by the client")
     return " | ".join(parts)
 
 

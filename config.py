@@ -9,8 +9,8 @@ settings table (:func:`settings_table`; ``python config.py --update-readme``).
 Adding a setting means adding one field.
 
 Precedence, highest first: explicit overrides (the CLI's flags), the real
-environment, a ``.env`` file (``./.env``, or the file named by ``ENV_FILE``),
-then the declared defaults. Nothing here runs at import time: call
+environment, a ``.env`` file (the file named by ``ENV_FILE``, else ``./.env``, else
+the ``.env`` beside the scripts: :mod:`env_files`), then the declared defaults. Nothing here runs at import time: call
 :func:`load_settings` and pass the result to the code that needs it.
 
 ``Config`` keeps the class-level API older scripts use (``Config.get_api_url()``,
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
-from dotenv import dotenv_values
-
+import env_files
 from errors import ConfigError
 from masking import mask_secrets, mask_url_password, url_passwords
 from setting_parsers import (Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PemFile, PostgresUrl,
@@ -47,6 +46,9 @@ TABLE_END = "<!-- end of the generated settings table -->"
 # Values of the widely copied example .env that cannot work until edited.
 _PLACEHOLDER_VALUES = {"your_database", "your_user", "your_password", "your_api_key"}
 _PLACEHOLDER_PATTERN = re.compile(r"(XXX|YYY|<[^>]*>)", re.IGNORECASE)
+# Added to "the model server is not configured" errors: a way to see the chain work before the PC is ready.
+DEMO_SERVER_TIP = ("No PC yet? Try the whole chain with the demo server: python demo_model_server.py "
+                   "(in another terminal), then API_BASE_URL=http://127.0.0.1:8000.")
 
 
 def is_placeholder(value: str | None) -> bool:
@@ -193,7 +195,7 @@ class Settings:
             raise ConfigError(
                 "The model server is not configured yet: PC_IP is not set.",
                 hint="Fix: set PC_IP (the PC's LAN address, e.g. 192.168.0.10) or API_BASE_URL "
-                "in .env, or pass --api-url http://HOST:PORT.",
+                f"in .env, or pass --api-url http://HOST:PORT.\n{DEMO_SERVER_TIP}",
             )
         if is_placeholder(self.pc_ip):
             raise _not_configured("PC_IP", self.pc_ip, self)
@@ -293,39 +295,11 @@ def _not_configured(name: str, value: str, settings: Settings) -> ConfigError:
     place = {"flag": "on the command line", "environment": "in the environment"}.get(where, f"in {where}")
     if where == "default":
         place = "in .env"
+    tip = f"\n{DEMO_SERVER_TIP}" if name in ("PC_IP", "API_BASE_URL") else ""
     return ConfigError(
         f"{name} is not configured yet: it is still the example value {value!r}.",
-        hint=f"Fix: set {name} {place} to your real value (see .env.example).",
+        hint=f"Fix: set {name} {place} to your real value (see .env.example).{tip}",
     )
-
-
-def _read_env_file(path: Path) -> dict[str, str | None]:
-    try:
-        return dict(dotenv_values(path, encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"Cannot read {path}: it is not UTF-8 ({exc.reason}).",
-            hint="Fix: save the file as UTF-8.",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"Cannot read {path}: {exc.strerror}.", hint="Fix: check the file's permissions.") from None
-
-
-def _env_file_values(
-    given: Mapping[str, Any], environ: Mapping[str, str], env_file: str | os.PathLike[str] | None
-) -> tuple[Path, dict[str, str | None], bool]:
-    """The .env file to read, its values, and whether it was named explicitly."""
-    explicit = env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"The env file {path} does not exist.",
-                hint="Fix: check the path given by --env-file or ENV_FILE, or create it: cp .env.example .env",
-            )
-        return path, _read_env_file(path), True
-    path = Path(".env")
-    return path, (_read_env_file(path) if path.is_file() else {}), False
 
 
 def load_settings(
@@ -338,8 +312,9 @@ def load_settings(
     Args:
         overrides: explicit values by variable name (``{"API_PORT": 9000}``); None values are ignored.
         environ: the environment to read (default ``os.environ``).
-        env_file: the .env file; default ``ENV_FILE`` from overrides/environment, else ``./.env``
-            if it exists. An explicitly named file that does not exist is an error.
+        env_file: the .env file; default ``ENV_FILE`` from overrides/environment, else ``./.env``,
+            else the ``.env`` beside the scripts, if one exists (see :mod:`env_files`). An explicitly
+            named file that does not exist is an error; ``/dev/null`` or an empty file sets nothing.
 
     Raises:
         ConfigError: listing every bad value, its variable, where it came from and what is expected.
@@ -349,7 +324,8 @@ def load_settings(
     unknown = sorted(set(given) - set(_BY_NAME) - {"ENV_FILE"})
     if unknown:
         raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}.")
-    path, file_values, explicit = _env_file_values(given, environ, env_file)
+    found = env_files.find_env_file(env_file or given.get("ENV_FILE") or environ.get("ENV_FILE") or None)
+    path, file_values = found.path, found.values
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -383,7 +359,7 @@ def load_settings(
             hint="Fix: correct the value in .env (or the environment variable / flag named above); "
             "see .env.example for every setting.",
         )
-    return Settings(**values, env_file=str(path) if file_values or explicit else None, sources=sources)
+    return Settings(**values, env_file=str(path) if path is not None else None, sources=sources)
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:

@@ -236,7 +236,9 @@ def connection_error(settings: Settings, message: str, attempts: int) -> DBConne
         f"Cannot connect to PostgreSQL at {settings.db_display()}{tried}: {message}",
         hint=(
             "Fix: is the database running? With the bundled sample database: "
-            "`docker compose ps`, then `docker compose up -d`.\n"
+            "`docker compose ps`, then `docker compose up -d`;\n"
+            "     without Docker, on a PostgreSQL you already have: `python load_sample_db.py` creates the "
+            "sample's role and database there.\n"
             f"     Are {names} right in .env? "
             "Check with: python -c \"from db_connector import test_connection; print(test_connection())\""
         ),

@@ -28,7 +28,9 @@ from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command
 from cli_output import MaskedStream, error_info, format_stats, json_document, write_atomically
 from config import Settings
 from doctor import run_checks
+from env_files import describe_env_file
 from errors import ConfigError, ExitCode, PipelineError, Terminated
+from progress import Spinner
 from resources import close_resources
 from runner import DEFAULT_FETCH_ROWS, Question, RunResult, run_pipeline, run_question
 
@@ -119,6 +121,7 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         settings = config.load_settings(overrides)
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
+        logger.info("Settings from %s", describe_env_file(settings.env_file, settings.sources))
         command = prepare(args, settings, console.stdin, console.out.isatty())
         run = RunResult(command.question.query)
         _run(command, run, console)
@@ -160,16 +163,20 @@ def _run(command: Command, run: RunResult, console: _Console) -> None:
             console.out.write(piece)
             console.out.flush()
 
+    def waiting(server: str) -> Spinner:  # on a terminal only, and not with -q
+        return Spinner(f"waiting for the answer from {server} ...", stream=console.err, quiet=console.quiet)
+
     if not command.dry_run:
         console.progress(f"Querying {command.settings.db_display()} ...")
     run_question(command.question, command.settings, run, stream=command.stream, on_text=on_text,
-                 dry_run=command.dry_run, progress=console.progress)
+                 dry_run=command.dry_run, progress=console.progress, waiting=waiting)
 
 
 def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
-    """The report step after a run that finished: the answer, prompt or JSON, then the statistics."""
-    for warning in run.warnings:
-        console.progress(f"Warning: {warning}")
+    """The report step after a run that finished: the answer, prompt or JSON, then the statistics.
+
+    The prompt's warnings (``run.warnings``) were logged as the prompt was built: not repeated here.
+    """
     if not run.rows:
         console.progress("The query returned no rows: nothing was sent to the model.")
         if command.json:

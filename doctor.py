@@ -14,6 +14,7 @@ import config
 from cli_output import MaskedStream
 from config import Settings
 from db_connector import Database
+from env_files import describe_env_file
 from errors import ConfigError, DBConnectionError, ExitCode, QueryError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
         report.line(False, "model server", "not checked (settings are invalid)")
         return report.exit_code()
     report.out.secrets = settings.secrets()
-    report.line(True, "settings", f"loaded from {settings.env_file or 'environment and defaults (no .env file)'}")
+    report.line(True, "settings", f"loaded from {describe_env_file(settings.env_file, settings.sources)}")
     exposed = readable_secrets_file(settings)
     if exposed:
         report.line(None, "settings", exposed, f"Fix: chmod 600 {settings.env_file}")

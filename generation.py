@@ -38,7 +38,10 @@ STATS_KEYS = (
     "model",
     "finish_reason",
     "server",
+    "measured",
 )
+# Stats in seconds: rounded to milliseconds wherever stats are shown or returned.
+TIME_KEYS = frozenset({"generation_time", "wall_time"})
 
 
 @dataclass
@@ -48,6 +51,10 @@ class GenerationStats:
     Times are seconds (Ollama's nanoseconds and llama.cpp's milliseconds are converted).
     ``generation_time`` is the server's own measure (prompt evaluation + generation);
     ``wall_time`` is what the client waited, from sending the request to the last byte.
+    ``measured`` names the figures the client worked out itself because the server did not
+    report them (see :func:`fill_measured`): ``generated_tokens`` there is a count of streamed
+    pieces (approximate: a piece is usually, not always, one token), ``tokens_per_second`` is
+    computed from the client's clock.
     """
 
     generation_time: float | None = None
@@ -60,10 +67,44 @@ class GenerationStats:
     model: str | None = None
     finish_reason: str | None = None
     server: str | None = None
+    measured: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """The plain stats dict (keys :data:`STATS_KEYS`), as ``send_prompt`` returns it."""
-        return asdict(self)
+        """The plain stats dict (keys :data:`STATS_KEYS`), as ``send_prompt`` returns it.
+
+        Times are rounded to milliseconds and tokens per second to two decimals; ``measured``
+        is a list (JSON has no tuples).
+        """
+        stats = asdict(self)
+        for key in TIME_KEYS:
+            if isinstance(stats[key], float):
+                stats[key] = round(stats[key], 3)
+        if isinstance(stats["tokens_per_second"], float):
+            stats["tokens_per_second"] = round(stats["tokens_per_second"], 2)
+        stats["measured"] = list(self.measured)
+        return stats
+
+
+def fill_measured(stats: GenerationStats, *, pieces: int | None = None, seconds: float | None = None) -> None:
+    """Fill in, from what the client saw, the figures the server did not report; name them in ``measured``.
+
+    Some servers report less: llama-cpp-python sends no usage when streaming, vLLM and
+    llama-cpp-python send no timings. ``pieces`` (the streamed text pieces received) stands in
+    for the generated tokens; ``seconds`` (the client's time for the generation: from the first
+    streamed piece to the end, or the whole wait for an answer that came at once) gives tokens
+    per second. Figures the server gave are never replaced.
+    """
+    measured = list(stats.measured)
+    if stats.generated_tokens is None and pieces is not None:
+        stats.generated_tokens = pieces
+        measured.append("generated_tokens")
+        if stats.total_tokens is None and stats.input_tokens is not None:
+            stats.total_tokens = stats.input_tokens + pieces
+            measured.append("total_tokens")
+    if stats.tokens_per_second is None and stats.generated_tokens and seconds and seconds > 0:
+        stats.tokens_per_second = stats.generated_tokens / seconds
+        measured.append("tokens_per_second")
+    stats.measured = tuple(dict.fromkeys(measured))
 
 
 assert tuple(f.name for f in fields(GenerationStats)) == STATS_KEYS
@@ -134,6 +175,7 @@ class Generation:
         self._done = events is None
         self._iterator: Iterator[str] | None = None
         self._closed = False
+        self._first_piece_at: float | None = None  # when the first text arrived, for a measured speed
         if text is not None:
             self._progress.add(text)
 
@@ -181,6 +223,8 @@ class Generation:
             for piece in self._events:
                 if self._closed:
                     return
+                if self._first_piece_at is None:
+                    self._first_piece_at = self._clock()
                 self._progress.add(piece)
                 self._check_size()
                 yield piece
@@ -188,6 +232,7 @@ class Generation:
                 self._finish()
         finally:
             if not self._done:
+                self._measure()  # the stats so far (an error or Ctrl-C reports them)
                 self._release()  # abandoned, interrupted or failed: let the server know at once
 
     def _check_size(self) -> None:
@@ -204,13 +249,23 @@ class Generation:
 
     def _finish(self) -> None:
         self._done = True
-        if self._started is not None:
-            self._stats.wall_time = self._clock() - self._started
+        self._measure()
         self._release()
         logger.info(
             "Stream from %s finished: %d pieces, %d chars in %.2f s",
             self._url, len(self._progress.pieces), len(self.partial_text), self._stats.wall_time or 0.0,
         )
+
+    def _measure(self) -> None:
+        """Set ``wall_time``, and fill in what the server did not report from the pieces and the clock."""
+        now = self._clock()
+        if self._started is not None:
+            self._stats.wall_time = now - self._started
+        # The speed over the generation itself: from the first piece to the end (the wait before
+        # the first piece is the prompt's evaluation); with one piece, the whole wait.
+        first = self._first_piece_at
+        seconds = now - first if first is not None and len(self._progress.pieces) > 1 else self._stats.wall_time
+        fill_measured(self._stats, pieces=len(self._progress.pieces), seconds=seconds)
 
     @property
     def text(self) -> str:

@@ -117,7 +117,7 @@ class ModelAPIClient:
         try:
             server = self.server
         except ConfigError as exc:
-            logger.warning("Model server not ready: %s (%s)", exc.message, exc.hint)
+            logger.info("Model server not ready: %s (%s)", exc.message, exc.hint)
             return HealthReport(ok=False, reachable=False, detail=exc.message, fix=exc.hint)
         return server.check_health()
 
@@ -167,7 +167,10 @@ def check_server_health() -> bool:
     except PipelineError as exc:
         logger.error("Cannot check the model server: %s", exc)
         return False
-    return client.check_health().ok
+    report = client.check_health()
+    if not report.ok:
+        logger.warning("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
+    return report.ok
 
 
 def send_prompt(prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,

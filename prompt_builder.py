@@ -42,6 +42,7 @@ from typing import Any
 
 from errors import PromptError
 from prompt_template import PLACEHOLDERS, Slot, Template, check_template, load_template, parse_template
+from prompt_limits import FRAME_TOO_LONG, budget_fix
 from row_packer import Chunk, Frame, PromptBudget, RowPacker
 from token_count import TokenCounter, byte_bound, estimate_tokens, get_counter
 from value_format import ELLIPSIS, FORMATS, check_format, check_limit, encodable, format_value, row_layout
@@ -465,7 +466,7 @@ def _without_columns(source: _Input, template: Template, context: str, budget: i
     if not fits:
         raise PromptError(
             "The template, context and query alone exceed the prompt budget: " + sizes.excess(text),
-            hint="Shorten the template or the context, or raise the budget (max_tokens / context size).",
+            hint=budget_fix(sizes, text, FRAME_TOO_LONG),
         )
     for message in warnings:
         logger.warning("%s", message)

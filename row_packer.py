@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from errors import PromptError
+from prompt_limits import FRAME_TOO_LONG, budget_fix
 from token_count import TokenCounter, byte_bound, estimate_tokens, get_counter
 from value_format import RowLayout
 
@@ -288,7 +289,7 @@ class RowPacker:
         if not self.budget.measure(bare)[0]:
             raise PromptError(
                 "The template, context and query alone exceed the prompt budget: " + self.budget.excess(bare),
-                hint="Shorten the template or the context, or raise the budget (max_tokens / context size).",
+                hint=budget_fix(self.budget, bare, FRAME_TOO_LONG),
             )
 
     @property
@@ -440,7 +441,7 @@ class RowPacker:
             text = self.frame.render(self._empty_block(start))
             raise PromptError(
                 "The template, context and query alone exceed the prompt budget: " + self.budget.excess(text),
-                hint="Shorten the template or the context, or raise the budget (max_tokens / context size).",
+                hint=budget_fix(self.budget, text, FRAME_TOO_LONG),
             )
         row = self._pull()
         attempt = self._one_row(row, start, self.max_cell_chars)
@@ -451,7 +452,9 @@ class RowPacker:
             raise PromptError(
                 "Not even one row fits in the prompt budget: with the first row the prompt needs "
                 + self.budget.excess(text),
-                hint="Lower max_cell_chars, shorten the context, use the csv format, or raise the budget.",
+                hint=budget_fix(self.budget, text, f"shorten long values with a lower --max-cell-chars (now "
+                                     f"{self.max_cell_chars or 'no limit'}), select fewer columns, use --format csv, "
+                                     "or shorten the --template / --context;"),
             )
         return self._shortened_row(row, start)
 
@@ -482,7 +485,7 @@ class RowPacker:
             raise PromptError(
                 f"Row {start + 1} does not fit in one prompt even with every value cut to 1 character: "
                 + self.budget.excess(text),
-                hint="Select fewer columns, shorten the template or the context, or raise the budget.",
+                hint=budget_fix(self.budget, text, "select fewer columns, or shorten the --template / --context;"),
             )
         low = 1
         while low < high:

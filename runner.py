@@ -13,14 +13,16 @@ import dataclasses
 import itertools
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import config
 import prompt_builder
 from config import Settings
 from db_connector import RowStream
 from errors import ModelAPIError
+from generation import GenerationStats
 from prompt_builder import PromptResult
 from resources import shared_database, shared_model_client
 
@@ -56,6 +58,8 @@ def _as_dict(stats: Any) -> dict[str, Any]:
     """The model's statistics as a plain dict, whether it gave a mapping or a dataclass."""
     if stats is None:
         return {}
+    if isinstance(stats, GenerationStats):
+        return stats.as_dict()  # times rounded to milliseconds
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
         return dataclasses.asdict(stats)
     return dict(stats)
@@ -147,13 +151,16 @@ def run_question(
     on_text: Callable[[str], None] | None = None,
     dry_run: bool = False,
     progress: Callable[[str], None] | None = None,
+    waiting: Callable[[str], ContextManager[Any]] | None = None,
 ) -> RunResult:
     """Run query -> prompt -> model, recording each step in ``run`` (a new one by default).
 
     No rows: nothing is sent to the model (``run.answer`` stays None). ``dry_run``: stops once
     the prompt is built (``run.prompt``). With ``stream``, ``on_text`` receives the answer's
-    pieces as they arrive. Raises :class:`errors.PipelineError` subclasses; ``run`` then holds
-    what was done before the error.
+    pieces as they arrive. ``waiting(server_url)`` is entered around the wait for the server's
+    answer to begin (the whole answer when it is not streamed; the CLI shows a spinner there).
+    Raises :class:`errors.PipelineError` subclasses; ``run`` then holds what was done before
+    the error.
     """
     run = RunResult(question.query) if run is None else run
     q = question
@@ -167,7 +174,7 @@ def run_question(
         run.columns = stream.columns
         rows = _RecordedRows(stream, run.rows)
         if not rows.peek():
-            run.db_time = round(time.perf_counter() - started, 4)
+            run.db_time = round(time.perf_counter() - started, 3)
             logger.info("Query returned no rows; nothing sent to the model")
             return run
         prompt = run.prompt = prompt_builder.build_prompt(
@@ -178,7 +185,7 @@ def run_question(
             system_prompt=q.system_prompt,
         )
         run.more_rows = stream.has_more
-    run.db_time = round(time.perf_counter() - started, 4)
+    run.db_time = round(time.perf_counter() - started, 3)
     at_least = "" if prompt.rows_total_exact and not run.more_rows else "at least "
     logger.info("Query returned %s%d row(s); %d read for the prompt in %.3f s", at_least, prompt.rows_total,
                 len(run.rows), run.db_time)
@@ -194,22 +201,37 @@ def run_question(
         rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
         progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display_url} ...")
     try:
-        if stream:
-            with client.stream(prompt.text, q.system_prompt, max_new_tokens, q.temperature) as generation:
-                for piece in generation:
-                    run.pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
-        else:
-            generation = client.generate(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
+        generation = _ask(client, prompt.text, q, max_new_tokens, run, stream, on_text, waiting)
         response = generation.text
         run.model_stats = generation.stats  # includes "server", the base URL that answered
     except ModelAPIError as exc:
         _keep_error_context(run, exc)
+        _keep_known(run, client)
+        raise
+    except KeyboardInterrupt:
+        _keep_known(run, client)
         raise
     run.answer = response
-    run.total_time = round(time.perf_counter() - started, 4)
+    run.total_time = round(time.perf_counter() - started, 3)
     return run
+
+
+def _ask(client: Any, prompt: str, q: Question, max_new_tokens: int, run: RunResult, stream: bool,
+         on_text: Callable[[str], None] | None, waiting: Callable[[str], ContextManager[Any]] | None) -> Any:
+    """Send the prompt; a streamed answer's pieces go to ``run.pieces`` and ``on_text`` as they arrive."""
+    wait = waiting(client.display_url) if waiting else nullcontext()
+    if not stream:
+        with wait:
+            return client.generate(prompt, q.system_prompt, max_new_tokens, q.temperature)
+    with wait:  # a server that does not stream (the pc one) sends the whole answer here
+        generation = client.stream(prompt, q.system_prompt, max_new_tokens, q.temperature)
+    with generation:
+        run.model_stats = generation.stats  # filled in as the answer arrives; kept on Ctrl-C
+        for piece in generation:
+            run.pieces.append(piece)
+            if on_text:
+                on_text(piece)
+    return generation
 
 
 class _RecordedRows:
@@ -254,6 +276,12 @@ def _keep_error_context(run: RunResult, error: ModelAPIError) -> None:
         run.pieces[:] = [error.partial_text]
     if error.stats:
         run.model_stats = error.stats
+
+
+def _keep_known(run: RunResult, client: Any) -> None:
+    """After an error or Ctrl-C before any stats: the protocol, model and server already known."""
+    if not run.model_stats:
+        run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
 
 
 def run_pipeline(

@@ -29,7 +29,7 @@ from errors import (
     ModelTimeoutError,
     PipelineError,
 )
-from generation import Generation, GenerationStats, HealthReport, StreamProgress
+from generation import Generation, GenerationStats, HealthReport, StreamProgress, fill_measured
 from http_bodies import DETAIL_CHARS, describe_body, error_detail, shorten
 from http_transport import HttpTransport, Reply, TransportOptions
 from model_protocols import PROTOCOLS, GenerationRequest, Probe, ProbeFn, Protocol, ServerInfo, detect_protocol
@@ -234,6 +234,7 @@ class ServerClient:
                 # A server that ignored "stream": true (or LM Studio's 200-with-error).
                 text = self._parse(protocol, reply, path, stats)
                 stats.wall_time = self._clock() - started
+                fill_measured(stats, seconds=stats.wall_time)
                 return Generation.complete(text, stats)
             progress = StreamProgress(stats)
             events = protocol.stream_events(reply.lines(progress), stats, progress)
@@ -256,6 +257,7 @@ class ServerClient:
         stats = self._new_stats(protocol, model)
         text = self._parse(protocol, reply, path, stats)
         stats.wall_time = self._clock() - started
+        fill_measured(stats, seconds=stats.wall_time)  # a server without timings: the speed as the client saw it
         logger.info("Answer: %d chars, %s tokens in %.2f s (%s at %s)", len(text), stats.generated_tokens,
                     stats.wall_time, protocol.name, self.base_url)
         return Generation.complete(text, stats)
@@ -305,10 +307,12 @@ class ServerClient:
             logger.debug("Unexpected error during the health check", exc_info=True)
             report = HealthReport(ok=False, reachable=False, protocol=self.protocol, detail=f"Unexpected error: {exc!r}")
         report.server = self.display_url
+        # Info, not a warning: the report is returned, and whoever asked reports it (--check prints
+        # it once, check_server_health() warns with it).
         if report.ok:
             logger.info("Model server healthy: %s", report.detail)
         else:
-            logger.warning("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
+            logger.info("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
         return report
 
     # --- lifetime ---

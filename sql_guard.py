@@ -97,6 +97,7 @@ DENIED_FUNCTION_PREFIXES: dict[str, str] = {
 # psycopg2's placeholders: %s, %(name)s, and %% for a literal percent sign.
 _PLACEHOLDER = re.compile(r"%(?:%|s|\([^)]*\)s)")
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
+_QUOTED_TOKENS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "UIDENT"})  # literals, U&"names"
 _SEMICOLON = "ASCII_59"
 
 _READ_HINT = "Fix: use SELECT, WITH ... SELECT, VALUES, TABLE, SHOW or EXPLAIN."
@@ -180,6 +181,28 @@ def check_read_only_query(query: str) -> str:
         ReadOnlyViolation: several statements, or a statement that is not a read.
     """
     return check_statement(query).kind
+
+
+def placeholders(sql: str, *, bound: bool) -> list[str]:
+    """psycopg2's placeholders in ``sql``, in order: ``"%s"`` for a positional one, else the name.
+
+    ``bound`` (parameters will be given): psycopg2 reads every ``%`` of the text it is sent,
+    which is the text without its comments, so a placeholder inside a quoted string counts too.
+    Not bound: psycopg2 sends the text as it is, so only what stands outside string literals,
+    quoted names and comments could be meant as a placeholder. Found by PostgreSQL's lexer.
+    """
+    try:
+        tokens = parser.scan(sql)
+    except parser.ParseError:  # an unterminated literal: the statement check reports it
+        tokens = []
+    hidden = _COMMENT_TOKENS if bound else _COMMENT_TOKENS | _QUOTED_TOKENS
+    text = list(sql)
+    for token in tokens:
+        quoted_name = token.name == "IDENT" and sql[token.start] == '"'
+        if token.name in hidden or (quoted_name and not bound):
+            text[token.start : token.end + 1] = " " * (token.end + 1 - token.start)
+    found = (match.group(0) for match in _PLACEHOLDER.finditer("".join(text)))
+    return [item if item == "%s" else item[2:-2] for item in found if item != "%%"]
 
 
 def split_statements(sql: str) -> list[str]:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import cli_logging  # noqa: E402
 import config  # noqa: E402
 import db_connector  # noqa: E402
+import env_files  # noqa: E402
 import model_api_client  # noqa: E402
 import resources  # noqa: E402
 
@@ -134,10 +135,15 @@ def reset_process_state() -> None:
 
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No user settings leak in: settings variables removed, cwd in an empty folder, caches reset."""
+    """No user settings leak in: settings variables removed, cwd in an empty folder, caches reset.
+
+    The .env beside the scripts (the one a user's quick start creates in the clone) is looked for
+    in a folder of this test's own instead, so a developer's settings never reach the tests.
+    """
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(env_files, "SCRIPT_DIR", tmp_path / "scripts")
     reset_process_state()
     yield
     reset_process_state()

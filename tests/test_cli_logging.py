@@ -131,7 +131,7 @@ def test_concurrent_command_runs_share_the_log_file_at_its_rotation_point(test_d
     log = tmp_path / "laptop_client.log"
     history = prefill(log, cli_logging.LOG_MAX_BYTES - 10)  # the first line of any run rotates it
     env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
-    env.update(DATABASE_URL=test_db_url, LOG_FILE=str(log))
+    env.update(DATABASE_URL=test_db_url, LOG_FILE=str(log), ENV_FILE=os.devnull)  # no .env beside the scripts
     procs = [
         subprocess.Popen([sys.executable, str(REPO_ROOT / "db_to_model_pipeline.py"), "--query",
                           f"SELECT {n} AS run", "--dry-run", "--quiet"], cwd=tmp_path, env=env,

@@ -361,7 +361,8 @@ def test_test_connection_true_and_false_never_raises(test_db_url, monkeypatch, c
 
 def test_health_check_command_from_the_readme(test_db_url, tmp_path):
     command = "from db_connector import test_connection; print(test_connection())"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": test_db_url}
+    # ENV_FILE=/dev/null: no .env, not even one beside the scripts (a developer's own settings)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": test_db_url, "ENV_FILE": os.devnull}
     ok = subprocess.run([sys.executable, "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert ok.stdout.strip() == "True", ok.stderr
     env["DATABASE_URL"] = f"postgresql://nobody@127.0.0.1:{free_port()}/x"

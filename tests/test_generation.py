@@ -56,7 +56,8 @@ def test_a_stream_yields_pieces_then_sets_wall_time_and_releases_the_connection(
     generation = streamed(stream)
     assert not generation.done and generation.stats.wall_time is None
     assert list(generation) == ["가", "나", "다"]
-    assert generation.done and generation.text == "가나다" and generation.stats.wall_time == 0.0
+    # The ticking clock is read at the first piece (0) and at the end (1).
+    assert generation.done and generation.text == "가나다" and generation.stats.wall_time == 1.0
     assert stream.closed_http == 1
     generation.close()
     assert stream.closed_http == 1  # idempotent

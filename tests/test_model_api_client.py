@@ -117,26 +117,32 @@ def test_openai_llamacpp_generate_and_stream_convert_milliseconds():
     assert text == DEFAULT_ANSWER
     assert "".join(pieces) == "".join(split_pieces(DEFAULT_ANSWER)[:5])
     n = len(split_pieces(DEFAULT_ANSWER))
-    assert stats["generation_time"] == pytest.approx((120.5 + 25.0 * n) / 1000)
+    assert stats["generation_time"] == pytest.approx((120.5 + 25.0 * n) / 1000, abs=0.001)  # whole milliseconds
     assert stats["tokens_per_second"] == pytest.approx(40.0)
     assert stats["generated_tokens"] == n and stats["finish_reason"] == "stop"
     assert stream_stats["generated_tokens"] == 5 and stream_stats["finish_reason"] == "length"
-    assert stream_stats["generation_time"] == pytest.approx((120.5 + 25.0 * 5) / 1000)
+    assert stream_stats["generation_time"] == pytest.approx((120.5 + 25.0 * 5) / 1000, abs=0.001)
+    assert stats["measured"] == [] and stream_stats["measured"] == []  # the server reported everything
     body = [r.json for r in srv.requests if r.method == "POST"][1]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["max_tokens"] == 5 and body["model"] == "phi4"
 
 
-def test_openai_without_timings_or_usage_leaves_values_none():
+def test_openai_without_timings_or_usage_the_client_measures_and_says_so():
+    # vLLM reports no timings; with usage_in_stream=False it is like llama-cpp-python, whose
+    # stream has no usage either.
     with FakeOpenAIServer(owned_by="vllm", usage_in_stream=False) as srv:
         client = make_client(srv.base_url)
         _, stats = client.generate("질문")
         pieces, stream_stats, error = drain(client.stream("질문"))
     assert error is None and "".join(pieces) == DEFAULT_ANSWER
-    assert stats["generation_time"] is None and stats["tokens_per_second"] is None
+    assert stats["generation_time"] is None  # the server's own time is never made up
     assert stats["generated_tokens"] == len(split_pieces(DEFAULT_ANSWER))  # from usage
-    # No usage chunk: token counts stay unknown instead of being guessed from chunks.
-    assert stream_stats["generated_tokens"] is None and stream_stats["input_tokens"] is None
+    assert stats["tokens_per_second"] > 0 and stats["measured"] == ["tokens_per_second"]
+    # No usage chunk: the streamed pieces are counted, and the stats say so.
+    assert stream_stats["generated_tokens"] == len(pieces) and stream_stats["input_tokens"] is None
+    assert stream_stats["tokens_per_second"] > 0 and stream_stats["generation_time"] is None
+    assert stream_stats["measured"] == ["generated_tokens", "tokens_per_second"]
     assert stream_stats["wall_time"] > 0 and stream_stats["finish_reason"] == "stop"
 
 
@@ -218,7 +224,8 @@ def test_check_server_health_false_when_not_configured(monkeypatch, caplog):
 
 def _health_command(tmp_path: Path, port: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and not k.startswith(("API_", "PC_", "MODEL_"))}
-    env.update(PC_IP="127.0.0.1", API_PORT=str(port), API_HEALTH_TIMEOUT="2", PYTHONPATH=str(REPO))
+    env.update(PC_IP="127.0.0.1", API_PORT=str(port), API_HEALTH_TIMEOUT="2", PYTHONPATH=str(REPO),
+               ENV_FILE=os.devnull)  # no .env beside the scripts
     code = "from model_api_client import check_server_health; print(check_server_health())"
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
 

@@ -363,7 +363,8 @@ def _start(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
 
 def _env(test_db_url: str, tmp_path: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
-    env.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), **extra})
+    env.update({"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"),
+                "ENV_FILE": os.devnull, **extra})  # no .env beside the scripts
     return env
 
 

@@ -712,7 +712,7 @@ def test_not_even_one_row_fitting_is_an_error():
     with pytest.raises(PromptError) as info:
         build_estimated(rows, "{data}", max_tokens=200)
     assert "Not even one row fits" in info.value.message and "over by" in info.value.message
-    assert "max_cell_chars" in info.value.hint
+    assert "--max-cell-chars (now 500)" in info.value.hint and "--prompt-budget (now 200 tokens" in info.value.hint
     # With a smaller per-value limit the same row fits.
     assert build_estimated(rows, "{data}", max_tokens=200, max_cell_chars=50).rows_shown == 1
 
