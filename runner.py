@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import config
 import prompt_builder
+import token_count
 from config import Settings
 from db_connector import RowStream
 from errors import ModelAPIError
@@ -209,6 +210,8 @@ def run_question(
         raise
     run.answer = response
     run.total_time = round(time.perf_counter() - started, 4)
+    token_count.log_difference(prompt.estimated_tokens, prompt.token_counter,
+                               getattr(generation.stats, "input_tokens", None))
     return run
 
 
