@@ -9,8 +9,10 @@ memory stays flat), then:
 2. **Plan.** Otherwise the rows are packed into chunks that each fill the prompt budget
    (:class:`row_packer.RowPacker`, the user's template, a note naming the rows of each part).
    A row too large for a prompt of its own is shortened further and flagged, never dropped.
-   The prompts go to a temporary file, so only the chunk boundaries stay in memory.
+   Only the chunk boundaries stay in memory; a prompt exists while its call is queued or runs.
 3. **Map.** Every chunk is one call, run concurrently through the backend (:mod:`mr_calls`).
+   Packing feeds the calls as it goes, so the first call starts as soon as its chunk is packed
+   and packing 20,000 rows costs no wall time while the servers are busy.
 4. **Reduce.** The partial answers are combined by reduce prompts (:mod:`mr_prompts`), in levels
    while they do not fit one prompt. Each level must have fewer answers and fewer tokens than the
    one below it (the last level, which leaves one answer, is exempt from the token rule: a final
@@ -26,15 +28,14 @@ the plan and the answers obtained.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import mr_prompts
 import prompt_builder
 from config import Settings
-from errors import PromptError, ReduceNotConvergingError
+from errors import PipelineError, PromptError, ReduceNotConvergingError
 from mr_calls import Call, CallRunner, CallSettings
 from mr_checkpoint import Checkpoint, call_key, checkpoint_path, load_answers
 from mr_result import MapReduceRun
@@ -70,30 +71,6 @@ class Reporter:
     message: Callable[[str], None] = lambda text: None
     stream: TextIO | None = None
     quiet: bool = True
-
-
-class PromptStore:
-    """Map prompts in a temporary file, by index: only their offsets stay in memory."""
-
-    def __init__(self) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="prompts-", suffix=".spool")
-        self._offsets: list[tuple[int, int]] = []
-        self._end = 0
-
-    def add(self, text: str) -> None:
-        data = text.encode("utf-8", "surrogatepass")
-        self._file.seek(self._end)
-        self._file.write(data)
-        self._offsets.append((self._end, len(data)))
-        self._end += len(data)
-
-    def read(self, index: int) -> str:
-        offset, size = self._offsets[index]
-        self._file.seek(offset)
-        return self._file.read(size).decode("utf-8", "surrogatepass")
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def job_parts(question: Question, options: AllRowsOptions, settings: Settings) -> dict[str, Any]:
@@ -132,8 +109,9 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
     started = time.perf_counter()
     parts = job_parts(question, options, settings)
     run.fingerprint = fingerprint(parts)
-    store: PromptStore | None = None
     try:
+        # The spool is a private temp file: packing reads it during the map calls, but the database
+        # transaction ended when the rows were read.
         with RowSpool.read(shared_database(settings), question.query, question.params,
                            max_rows=question.fetch_rows) as spool:
             run.columns, run.rows_total, run.more_rows = list(spool.columns), spool.count, spool.has_more
@@ -145,17 +123,14 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
                 if not dry_run:
                     _ask_once(question, settings, backend, run, report)
                 return run
-            report.message(f"Splitting {spool.count:,} rows into prompts ...")
-            store = PromptStore()
-            reducer = _plan(question, options, spool, settings, counter, store, run)
-        _check_reduce_plan(run, reducer, options)
-        if dry_run:
-            _count_reusable(run, options)
-            return run
-        _map_and_reduce(question, options, settings, backend, store, reducer, run, report, counter, sleep, parts)
+            planner = _Planner(question, options, spool, settings, counter, run)
+            if dry_run:
+                for _ in planner.chunks():
+                    pass
+                _count_reusable(run, options)
+                return run
+            _map_and_reduce(question, options, settings, backend, planner, run, report, counter, sleep, parts)
     finally:
-        if store is not None:
-            store.close()
         run.total_time = round(time.perf_counter() - started, 4)
     return run
 
@@ -196,61 +171,75 @@ def _ask_once(question: Question, settings: Settings, backend: Any, run: MapRedu
     run.answer = single.answer
 
 
-def _plan(question: Question, options: AllRowsOptions, spool: RowSpool, settings: Settings, counter: TokenCounter,
-          store: PromptStore, run: MapReduceRun) -> mr_prompts.ReducePrompts:
-    """Pack the rows into map prompts (kept in ``store``), fill ``run.map_calls``; return the reduce prompts."""
-    q = question
-    max_new = run.max_new_tokens = _max_new_tokens(q, settings)
-    mapped = mr_prompts.map_frame(q, spool.columns, spool.count, context_tokens=settings.model_context_tokens,
-                                  max_new_tokens=max_new, counter=counter)
-    run.budget, run.counter = mapped.budget, counter.name
-    for message in mapped.warnings:
-        logger.warning("%s", message)
-        run.warnings.append(message)
-    packer = RowPacker(spool, row_layout(q.data_format, spool.columns), mapped.frame, max_tokens=mapped.budget,
-                       max_chars=q.prompt_chars, counter=counter, max_cell_chars=q.max_cell_chars,
-                       max_rows=q.prompt_rows, note=mr_prompts.map_note(spool.count, spool.has_more), shorten=True)
-    key = _key_function(q, settings)
-    for index, chunk in enumerate(packer):
-        store.add(chunk.text)
-        if index == 0:
-            run.sample_prompt = chunk.text
-        shortened = tuple({"row": s.index + 1, "max_cell_chars": s.max_cell_chars} for s in chunk.shortened)
-        for cut in shortened:
-            run.warnings.append(f"Row {cut['row']:,} was too large for one prompt: its values were cut to "
-                                f"{cut['max_cell_chars']:,} characters (flagged in the plan).")
-        run.map_calls.append(Call("map", 0, index, chunk.start + 1, chunk.end, key(chunk.text), chunk.tokens,
-                                  chunk.chars, chunk.counter, shortened=shortened))
-    logger.info("Plan: %d rows in %d map prompts of up to %d tokens (%s)", spool.count, len(run.map_calls),
-                mapped.budget, counter.name)
-    values = {"question": mapped.question, "query": q.query, "context": q.context or "",
-              "columns": ", ".join(map(str, spool.columns))}
-    outside = mapped.frame.outside
-    return mr_prompts.ReducePrompts(options.reduce_template, values, spool.count, budget=mapped.budget,
-                                    max_chars=q.prompt_chars, outside=outside, counter=counter)
+class _Planner:
+    """The map prompts of a run, packed from the spool as they are asked for, and the reduce prompts.
+
+    Creating it checks, before any call, that two partial answers of full length fit one reduce
+    prompt (else PromptError: the levels could never end).
+    """
+
+    def __init__(self, question: Question, options: AllRowsOptions, spool: RowSpool, settings: Settings,
+                 counter: TokenCounter, run: MapReduceRun) -> None:
+        q = self.question = question
+        self.options, self.spool, self.run, self.counter = options, spool, run, counter
+        self.key = _key_function(q, settings)
+        max_new = run.max_new_tokens = _max_new_tokens(q, settings)
+        mapped = mr_prompts.map_frame(q, spool.columns, spool.count, context_tokens=settings.model_context_tokens,
+                                      max_new_tokens=max_new, counter=counter)
+        self.mapped = mapped
+        run.budget, run.counter = mapped.budget, counter.name
+        for message in mapped.warnings:
+            logger.warning("%s", message)
+            run.warnings.append(message)
+        values = {"question": mapped.question, "query": q.query, "context": q.context or "",
+                  "columns": ", ".join(map(str, spool.columns))}
+        self.reducer = mr_prompts.ReducePrompts(options.reduce_template, values, spool.count, budget=mapped.budget,
+                                                max_chars=q.prompt_chars, outside=mapped.frame.outside, counter=counter)
+        run.fan_in = self.reducer.fan_in(max_new)
+        if run.fan_in < 2:
+            raise PromptError(
+                f"A reduce prompt of {mapped.budget:,} tokens cannot hold two partial answers of up to "
+                f"{max_new:,} tokens (the reduce template takes {self.reducer.frame_tokens():,}), so the "
+                "partial answers could never be combined.",
+                hint="Fix: lower --max-new-tokens / MAX_NEW_TOKENS, or raise --prompt-budget / MODEL_CONTEXT_TOKENS.",
+            )
+
+    def chunks(self) -> Iterator[tuple[Call, str]]:
+        """``(map call, its prompt)`` for each chunk, appended to ``run.map_calls`` as they are packed."""
+        q, run = self.question, self.run
+        packer = RowPacker(self.spool, row_layout(q.data_format, self.spool.columns), self.mapped.frame,
+                           max_tokens=self.mapped.budget, max_chars=q.prompt_chars, counter=self.counter,
+                           max_cell_chars=q.max_cell_chars, max_rows=q.prompt_rows,
+                           note=mr_prompts.map_note(self.spool.count, self.spool.has_more), shorten=True)
+        for index, chunk in enumerate(packer):
+            shortened = tuple({"row": s.index + 1, "max_cell_chars": s.max_cell_chars} for s in chunk.shortened)
+            for cut in shortened:
+                run.warnings.append(f"Row {cut['row']:,} was too large for one prompt: its values were cut to "
+                                    f"{cut['max_cell_chars']:,} characters (flagged in the plan).")
+            call = Call("map", 0, index, chunk.start + 1, chunk.end, self.key(chunk.text), chunk.tokens,
+                        chunk.chars, chunk.counter, shortened=shortened)
+            run.map_calls.append(call)
+            if index == 0:
+                run.sample_prompt = chunk.text
+            yield call, chunk.text
+        self._planned()
+
+    def _planned(self) -> None:
+        run = self.run
+        run.expected_levels = mr_prompts.calls_per_level(len(run.map_calls), run.fan_in or 2)
+        logger.info("Plan: %d rows in %d map prompts of up to %d tokens (%s); reduce calls expected per level: %s",
+                    run.rows_total, len(run.map_calls), run.budget, run.counter, run.expected_levels)
+        levels = len(run.expected_levels or [])
+        if levels > self.options.max_levels:
+            run.warnings.append(
+                f"Answers of the full {run.max_new_tokens:,} tokens would need {levels} reduce levels, more than "
+                f"--max-reduce-levels {self.options.max_levels}; shorter answers need fewer.")
 
 
 def _key_function(q: Question, settings: Settings) -> Callable[[str], str]:
     max_new, temperature = _max_new_tokens(q, settings), _temperature(q, settings)
     return lambda prompt: call_key(prompt, system_prompt=q.system_prompt, model=settings.model_name,
                                    max_new_tokens=max_new, temperature=temperature)
-
-
-def _check_reduce_plan(run: MapReduceRun, reducer: mr_prompts.ReducePrompts, options: AllRowsOptions) -> None:
-    """Expected reduce levels with answers at full length; stop now if two such answers cannot be combined."""
-    run.fan_in = reducer.fan_in(run.max_new_tokens)
-    run.expected_levels = mr_prompts.calls_per_level(len(run.map_calls), run.fan_in)
-    if run.expected_levels is None:
-        raise PromptError(
-            f"A reduce prompt of {reducer.budget:,} tokens cannot hold two partial answers of up to "
-            f"{run.max_new_tokens:,} tokens (the reduce template takes {reducer.frame_tokens():,}), so the "
-            f"{len(run.map_calls):,} partial answers could never be combined.",
-            hint="Fix: lower --max-new-tokens / MAX_NEW_TOKENS, or raise --prompt-budget / MODEL_CONTEXT_TOKENS.",
-        )
-    if len(run.expected_levels) > options.max_levels:
-        run.warnings.append(
-            f"Answers of the full {run.max_new_tokens:,} tokens would need {len(run.expected_levels)} reduce levels, "
-            f"more than --max-reduce-levels {options.max_levels}; shorter answers need fewer.")
 
 
 def _count_reusable(run: MapReduceRun, options: AllRowsOptions) -> None:
@@ -281,23 +270,34 @@ def _open_checkpoint(options: AllRowsOptions, run: MapReduceRun, parts: dict[str
 
 
 def _map_and_reduce(question: Question, options: AllRowsOptions, settings: Settings, backend: Any,
-                    store: PromptStore, reducer: mr_prompts.ReducePrompts, run: MapReduceRun, report: Reporter,
-                    counter: TokenCounter, sleep: Callable[[float], None] | None, parts: dict[str, Any]) -> None:
+                    planner: _Planner, run: MapReduceRun, report: Reporter, counter: TokenCounter,
+                    sleep: Callable[[float], None] | None, parts: dict[str, Any]) -> None:
     q = question
     checkpoint = _open_checkpoint(options, run, parts)
     try:
         concurrency = options.concurrency or max(1, int(backend.capacity))
-        system_tokens = sum(map(counter.count, reducer.outside)) if q.system_prompt else 0
-        calls = CallRunner(backend, CallSettings(q.system_prompt, run.max_new_tokens, q.temperature, concurrency,
+        system_tokens = sum(map(counter.count, planner.reducer.outside)) if q.system_prompt else 0
+        calls = CallRunner(backend, CallSettings(q.system_prompt, run.max_new_tokens or 0, q.temperature, concurrency,
                                                  system_tokens=system_tokens, sleep=sleep),
                            checkpoint, stream=report.stream, quiet=report.quiet)
         run.concurrency = concurrency
-        report.message(f"Map: {len(run.map_calls):,} calls, {concurrency} at a time ...")
+        report.message(f"Map: the rows in prompts of up to {run.budget:,} tokens, {concurrency} call"
+                       f"{'s' if concurrency != 1 else ''} at a time ...")
         try:
-            calls.run(run.map_calls, lambda call: store.read(call.index), "map")
-            _reduce(run, reducer, calls, options.max_levels, _key_function(q, settings), report)
+            chunks = planner.chunks()
+            try:
+                calls.run(chunks, "map")
+            except PipelineError:
+                for _ in chunks:  # finish the plan (no calls), so the report says how many calls are left
+                    pass
+                raise
+            _reduce(run, planner.reducer, calls, options.max_levels, planner.key, report)
         finally:
             run.token_check = calls.tokens.summary()
+            if run.token_check:
+                logger.info("Prompt tokens over %d calls: %d by our count (%s), %d by the servers' (x%.3f)",
+                            run.token_check["calls"], run.token_check["our_tokens"], counter.name,
+                            run.token_check["server_tokens"], run.token_check["server_over_ours"])
     finally:
         if checkpoint is not None:
             checkpoint.close()
@@ -328,7 +328,7 @@ def _reduce(run: MapReduceRun, reducer: mr_prompts.ReducePrompts, calls: CallRun
         texts = {c.index: g.text for c, g in zip(level_calls, groups)}
         report.message(f"Reduce level {level}: {len(answers):,} answers into {len(groups):,} "
                        f"({len(sent):,} call{'s' if len(sent) != 1 else ''}) ...")
-        calls.run(sent, lambda call: texts[call.index], f"reduce {level}")
+        calls.run(((c, texts[c.index]) for c in sent), f"reduce {level}", total=len(sent))
         if len(level_calls) > 1:  # the final answer may be longer than short partial answers
             _check_shrinks(run, answers, sent, level, reducer.counter)
         answers = [mr_prompts.Answer(c.answer or "", c.first_row, c.last_row) for c in level_calls]

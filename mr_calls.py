@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from errors import (
     BadResponseError,
@@ -139,20 +139,19 @@ class CallRunner:
         self._stream, self._quiet = stream, quiet
         self._stop = threading.Event()
 
-    def run(self, calls: Sequence[Call], prompt_of: Callable[[Call], str], label: str) -> None:
+    def run(self, jobs: Iterable[tuple[Call, str]], label: str, total: int | None = None) -> None:
         """Answer every call (filling ``answer``, ``stats``, ``reused``, ``attempts``); raise the first failure.
 
-        ``prompt_of`` gives a call's prompt; it is asked in this thread, only when a worker is free.
+        ``jobs`` yields ``(call, prompt)`` and is read in this thread, only while fewer than twice
+        ``concurrency`` calls wait or run: a generator that packs prompts as it goes keeps ahead of
+        the workers without holding every prompt. ``total`` (when known) sizes the progress bar; it
+        is set once ``jobs`` is exhausted otherwise.
         """
-        todo = [call for call in calls if not self._reuse(call)]
         bar = None
         if self._stream is not None:
-            bar = ProgressBar(len(calls), unit="calls", stream=self._stream, quiet=self._quiet, label=label)
-        if bar is not None and len(calls) > len(todo):
-            bar.update(len(calls) - len(todo))
+            bar = ProgressBar(total, unit="calls", stream=self._stream, quiet=self._quiet, label=label)
         try:
-            if todo:
-                self._run_workers(todo, prompt_of, bar)
+            self._run_workers(iter(jobs), bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -165,25 +164,41 @@ class CallRunner:
         call.reused, call.attempts = True, int(record.get("attempts") or 0)
         return True
 
-    def _run_workers(self, todo: list[Call], prompt_of: Callable[[Call], str], bar: ProgressBar | None) -> None:
+    def _run_workers(self, pending: Iterator[tuple[Call, str]], bar: ProgressBar | None) -> None:
         jobs: queue.Queue[tuple[Call, str] | None] = queue.Queue()
         done: queue.Queue[tuple[Call, BaseException | None]] = queue.Queue()
-        workers = max(1, min(self.settings.concurrency, len(todo)))
-        for number in range(workers):
-            threading.Thread(target=self._work, args=(jobs, done), name=f"model-call-{number + 1}",
-                             daemon=True).start()
-        pending = iter(todo)
-        in_flight = 0
+        workers = max(1, self.settings.concurrency)
+        threads = 0
+        in_flight = seen = 0
+        exhausted = False
         failure: BaseException | None = None
         try:
             while True:
-                while failure is None and in_flight < workers and (call := next(pending, None)) is not None:
-                    jobs.put((call, prompt_of(call)))
+                while failure is None and not exhausted and in_flight < 2 * workers:
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        if bar is not None and bar.total is None:
+                            bar.set_total(seen)
+                        break
+                    call, prompt = item
+                    seen += 1
+                    if self._reuse(call):
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    if threads < min(workers, in_flight + 1):  # threads only for calls actually sent
+                        threading.Thread(target=self._work, args=(jobs, done), name=f"model-call-{threads + 1}",
+                                         daemon=True).start()
+                        threads += 1
+                    jobs.put((call, prompt))
                     in_flight += 1
                 if in_flight == 0:
                     break
                 call, error = _next_result(done)
                 in_flight -= 1
+                if error is _NOT_STARTED:
+                    continue
                 if bar is not None:
                     bar.update(1, failed=1 if error else 0)
                 if error is not None and failure is None:
@@ -193,7 +208,7 @@ class CallRunner:
             self._stop.set()
             raise
         finally:
-            for _ in range(workers):
+            for _ in range(threads):
                 jobs.put(None)
         if failure is not None:
             raise failure
@@ -201,10 +216,14 @@ class CallRunner:
     def _work(self, jobs: queue.Queue[tuple[Call, str] | None], done: queue.Queue[Any]) -> None:
         while (job := jobs.get()) is not None:
             call, prompt = job
+            if self._stop.is_set():  # another call failed for good: queued calls are not started
+                done.put((call, _NOT_STARTED))
+                continue
             try:
                 self._call(call, prompt)
             except Exception as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 call.error = f"{type(exc).__name__}: {exc}"
+                self._stop.set()  # before this worker takes the next queued call
                 done.put((call, exc))
             else:
                 done.put((call, None))
@@ -241,6 +260,10 @@ class CallRunner:
         except (OSError, ValueError) as exc:  # a full disk, or the run already closed it after Ctrl-C
             logger.warning("Could not record the answer of %s call %d in the checkpoint: %s", call.stage,
                            call.index + 1, exc)
+
+
+#: What a worker reports for a queued call it did not start because the run is stopping.
+_NOT_STARTED = RuntimeError("not started: the run is stopping")
 
 
 def _rows(call: Call) -> str:

@@ -475,23 +475,13 @@ def _without_columns(source: _Input, template: Template, context: str, budget: i
     )
 
 
-def prompt_frame(
-    db_data: Mapping[str, Any],
-    template: str | os.PathLike[str] | None = None,
-    additional_context: str | None = None,
-    *,
-    data_format: str = "markdown",
-    max_tokens: int | None = None,
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    system_prompt: str | None = None,
-    counter: TokenCounter | None = None,
-) -> tuple[Frame, int, tuple[str, ...]]:
-    """``(frame, token budget, warnings)``: the prompt :func:`build_prompt` would put around the data.
-
-    For modes that split the rows over several prompts (a :class:`row_packer.RowPacker` with this
-    frame). ``db_data`` gives ``"columns"``, ``"row_count"`` (for ``{row_count}``) and ``"query"``;
-    its ``"results"`` are not read. Raises PromptError as :func:`build_prompt` does.
+def prompt_frame(db_data: Mapping[str, Any], template: str | os.PathLike[str] | None = None,
+                 additional_context: str | None = None, *, data_format: str = "markdown", max_tokens: int | None = None,
+                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 system_prompt: str | None = None, counter: TokenCounter | None = None,
+                 ) -> tuple[Frame, int, tuple[str, ...]]:
+    """``(frame, token budget, warnings)``: what :func:`build_prompt` puts around the data, for modes that
+    pack rows into several prompts. ``db_data`` gives ``columns``, ``row_count`` and ``query`` (no rows).
     """
     source = _unpack({**db_data, "results": []})
     _check_options(data_format, max_tokens, None, None, None, additional_context, system_prompt)

@@ -178,7 +178,7 @@ def test_a_failed_call_is_retried_with_growing_pauses():
     with FakePCServer(fail_first=2, fail_status=500, answer="ok") as srv:
         runner = _runner(srv.base_url, sleeps=sleeps)
         calls = _calls(1)
-        runner.run(calls, lambda call: f"prompt {call.index}", "map")
+        runner.run(((c, f"prompt {c.index}") for c in calls), "map")
     assert calls[0].answer == "ok" and calls[0].attempts == 3 and srv.generations == 3
     assert sleeps.calls == [0.5, 1.0]
     assert runner.backend.ambiguous_allowed == [True] * 3  # a map call may be sent again elsewhere
@@ -188,7 +188,7 @@ def test_an_invalid_prompt_is_not_retried():
     with FakePCServer(fail_first=5, fail_status=400) as srv:
         calls = _calls(1)
         with pytest.raises(InvalidPromptError):
-            _runner(srv.base_url).run(calls, lambda call: "prompt", "map")
+            _runner(srv.base_url).run(((c, "prompt") for c in calls), "map")
     assert srv.generations == 1 and calls[0].attempts == 1 and "InvalidPromptError" in calls[0].error
 
 
@@ -197,7 +197,7 @@ def test_after_a_failure_no_new_call_starts_and_the_answers_so_far_are_recorded(
             MapReducePCServer(fail_from=3, fail_status=500) as srv:
         calls = _calls(10)
         with pytest.raises(ModelServerError):
-            _runner(srv.base_url, checkpoint).run(calls, lambda call: f"prompt {call.index}", "map")
+            _runner(srv.base_url, checkpoint).run(((c, f"prompt {c.index}") for c in calls), "map")
     assert [c.answer is not None for c in calls] == [True, True] + [False] * 8
     assert srv.generation_count == 2 + 3  # the third call's three attempts, then nothing more
     assert [r["key"] for r in load_answers(tmp_path / "c.jsonl", "f")[0].values()] == ["key-0", "key-1"]
@@ -208,7 +208,7 @@ def test_checkpointed_answers_are_reused_without_a_request(tmp_path):
         checkpoint.record(_answer("key-1", "from before"))
         with FakePCServer(answer="fresh") as srv:
             calls = _calls(3)
-            _runner(srv.base_url, checkpoint, concurrency=2).run(calls, lambda call: f"prompt {call.index}", "map")
+            _runner(srv.base_url, checkpoint, concurrency=2).run(((c, f"prompt {c.index}") for c in calls), "map")
     assert [c.answer for c in calls] == ["fresh", "from before", "fresh"]
     assert [c.reused for c in calls] == [False, True, False] and srv.generations == 2
 
@@ -269,3 +269,18 @@ def test_a_dry_run_plans_without_a_backend(test_db_url, small_table, tmp_path):
     assert run.checkpoint_path == str(tmp_path / "a.txt.mapreduce.jsonl") and run.reusable == 0
     assert not os.path.exists(run.checkpoint_path)  # a dry run writes nothing
     assert "one part of the data" in run.sample_prompt
+
+
+def test_a_progress_total_can_be_set_once_known():
+    import io
+
+    from progress import ProgressBar
+
+    clock = iter(range(0, 1000, 10)).__next__
+    out = io.StringIO()
+    bar = ProgressBar(None, unit="calls", stream=out, label="map", interval=5, clock=clock)
+    bar.update(3)
+    assert bar.status().startswith("map calls 3, ")
+    bar.set_total(12)
+    bar.update(3)
+    assert bar.status().startswith("map calls 6/12 (50%)")
