@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 from mr_checkpoint import load_answers
 from mr_result import MapReduceRun
@@ -26,8 +27,6 @@ def _measured_call_seconds(run: MapReduceRun) -> float | None:
     """The median wall time of the calls an earlier run recorded, if any."""
     if not run.checkpoint_path:
         return None
-    from pathlib import Path
-
     answers, _, _ = load_answers(Path(run.checkpoint_path), run.fingerprint)
     times = [r["stats"]["wall_time"] for r in answers.values()
              if isinstance(r.get("stats"), dict) and isinstance(r["stats"].get("wall_time"), (int, float))]
@@ -75,9 +74,10 @@ def plan_text(run: MapReduceRun, capacity: int | None, found: str, estimate: flo
         f"{len(shortened):,} (too large for one prompt; values cut: "
         + ", ".join(f"row {s['row']:,} to {s['max_cell_chars']:,} chars" for s in shortened[:5])
         + (", ..." if len(shortened) > 5 else "") + ")")
-    add("reduce", f"{len(levels)} level{'s' if len(levels) != 1 else ''} expected, "
-        f"{' + '.join(f'{n:,}' for n in levels) or '0'} call(s) (answers of up to {run.max_new_tokens or 0:,} "
-        f"tokens; {run.fan_in or 0:,} fit one reduce prompt)")
+    reduce_calls = sum(levels)
+    add("reduce", f"{len(levels)} level{'s' if len(levels) != 1 else ''} expected: "
+        f"{' + '.join(f'{n:,}' for n in levels) or '0'} call{'s' if reduce_calls != 1 else ''} (answers of up to "
+        f"{run.max_new_tokens or 0:,} tokens; {run.fan_in or 0:,} fit one reduce prompt)")
     add("calls in all", f"{len(calls) + sum(levels):,}")
     if capacity and estimate is not None:
         basis = ("the median time of this job's earlier calls" if _measured_call_seconds(run) is not None else

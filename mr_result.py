@@ -101,8 +101,8 @@ class MapReduceRun:
             "concurrency": self.concurrency,
         }
         for key in SUMMED:
-            values = [c.stats.get(key) for c in answered if isinstance(c.stats.get(key), (int, float))]
-            stats[key] = round(sum(values), 4) if values and key == "generation_time" else (sum(values) if values else None)
+            values = [c.stats[key] for c in answered if isinstance(c.stats.get(key), (int, float))]
+            stats[key] = (round(sum(values), 4) if isinstance(sum(values), float) else sum(values)) if values else None
         generated, seconds = stats["generated_tokens"], stats["generation_time"]
         stats["tokens_per_second"] = round(generated / seconds, 2) if generated and seconds else None
         stats["wall_time"] = self.total_time
