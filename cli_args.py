@@ -77,7 +77,8 @@ def _query_options(q: argparse._ArgumentGroup) -> None:
     q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="bind a value to %%(NAME)s in the SQL (repeatable)")
     q.add_argument("--max-rows", type=positive_int, metavar="N",
-                   help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,}; no limit with --all-rows)")
+                   help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,}; "
+                   "no limit with --all-rows)")
 
 
 def _prompt_options(p: argparse._ArgumentGroup) -> None:

@@ -328,7 +328,7 @@ def _reduce(run: MapReduceRun, reducer: mr_prompts.ReducePrompts, calls: CallRun
         texts = {c.index: g.text for c, g in zip(level_calls, groups)}
         report.message(f"Reduce level {level}: {len(answers):,} answers into {len(groups):,} "
                        f"({len(sent):,} call{'s' if len(sent) != 1 else ''}) ...")
-        calls.run(((c, texts[c.index]) for c in sent), f"reduce {level}", total=len(sent))
+        calls.run(((c, texts[c.index]) for c in sent), f"reduce level {level}", total=len(sent))
         if len(level_calls) > 1:  # the final answer may be longer than short partial answers
             _check_shrinks(run, answers, sent, level, reducer.counter)
         answers = [mr_prompts.Answer(c.answer or "", c.first_row, c.last_row) for c in level_calls]

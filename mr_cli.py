@@ -83,8 +83,9 @@ def wanted(args: argparse.Namespace) -> bool:
 
 def _options(args: argparse.Namespace, command: Command) -> AllRowsOptions:
     if not args.all_rows:
-        raise UsageError("--reduce-template, --reduce-template-file and --max-reduce-levels only apply with --all-rows.",
-                         hint="Fix: add --all-rows, or drop those flags.")
+        raise UsageError(
+            "--reduce-template, --reduce-template-file and --max-reduce-levels only apply with --all-rows.",
+            hint="Fix: add --all-rows, or drop those flags.")
     template = (read_text_file(args.reduce_template_file, "reduce template") if args.reduce_template_file
                 else args.reduce_template)
     if template is not None:

@@ -212,9 +212,9 @@ class ReducePrompts:
             if best is None:
                 if end - start == 1:
                     text = self.render(answers[start:end])
+                    rows = rows_label(answers[start].first_row, answers[start].last_row, self.total)
                     raise PromptError(
-                        f"A partial answer ({rows_label(answers[start].first_row, answers[start].last_row, self.total)})"
-                        " does not fit in a reduce prompt on its own: " + sizes.excess(text),
+                        f"A partial answer ({rows}) does not fit in a reduce prompt on its own: " + sizes.excess(text),
                         hint="Fix: lower --max-new-tokens (shorter partial answers), shorten the reduce template, "
                         "or raise --prompt-budget / MODEL_CONTEXT_TOKENS.",
                     )

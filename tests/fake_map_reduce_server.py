@@ -3,9 +3,9 @@
 ``reply(prompt) -> str`` computes each answer (default :func:`summarise`: a map prompt is
 answered with the rows it names, a reduce prompt with the union of its answers' rows, so the
 answers shrink as they are combined). ``echo=True`` answers a reduce prompt with that prompt
-twice, whatever the answer length limit: a reduce that never shrinks. ``fail_from=N`` answers the N-th generation request and every later one with
-``fail_status`` (set it back to None to let a rerun through). Every fault switch of
-``fake_server_base`` still applies.
+twice, whatever the answer length limit: a reduce that never shrinks. ``fail_from=N`` answers
+the N-th generation request and every later one with ``fail_status`` (set it back to None to let
+a rerun through). Every fault switch of ``fake_server_base`` still applies.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from fake_server_base import _Handler, split_pieces
 
 _current = threading.local()
 
-MAP_NOTE = re.compile(r"\((?:Rows (?P<first>[\d,]+)–(?P<last>[\d,]+)|Row (?P<one>[\d,]+)) of [\d,]+[^:]*: one part of the data")
+MAP_NOTE = re.compile(
+    r"\((?:Rows (?P<first>[\d,]+)–(?P<last>[\d,]+)|Row (?P<one>[\d,]+)) of [\d,]+[^:]*: one part of the data")
 HEADING = re.compile(r"\[Answer \d+: (?:rows (?P<first>[\d,]+)–(?P<last>[\d,]+)|row (?P<one>[\d,]+)) of [\d,]+\]")
 MARKER = re.compile(r"\br\d{6}\b")
 

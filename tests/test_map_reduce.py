@@ -340,7 +340,8 @@ def test_another_job_with_the_same_output_moves_the_old_checkpoint_aside(run, tm
     assert other.returncode == 0, other.stderr
     assert other.json()["stats"]["calls_reused"] == 0
     assert srv.generation_count - sent == len(all_calls(other.json()))
-    assert "could not be reused: it was written for a different job (template: 'null' -> 'Rows: {data}')" in other.stderr
+    assert ("could not be reused: it was written for a different job (template: 'null' -> 'Rows: {data}')"
+            in other.stderr)
     assert other.stderr.count("could not be reused") == 1
     assert (tmp_path / "answer.txt.mapreduce.jsonl.old").exists()
 
