@@ -277,8 +277,10 @@ def _map_and_reduce(question: Question, options: AllRowsOptions, settings: Setti
     try:
         concurrency = options.concurrency or max(1, int(backend.capacity))
         system_tokens = sum(map(counter.count, planner.reducer.outside)) if q.system_prompt else 0
-        calls = CallRunner(backend, CallSettings(q.system_prompt, run.max_new_tokens or 0, q.temperature, concurrency,
-                                                 system_tokens=system_tokens, sleep=sleep),
+        # API_MAX_ATTEMPTS bounds the attempts of each call, as it bounds the transport's own retries.
+        call_settings = CallSettings(q.system_prompt, run.max_new_tokens or 0, q.temperature, concurrency,
+                                     system_tokens=system_tokens, attempts=settings.api_max_attempts, sleep=sleep)
+        calls = CallRunner(backend, call_settings,
                            checkpoint, stream=report.stream, quiet=report.quiet)
         run.concurrency = concurrency
         report.message(f"Map: the rows in prompts of up to {run.budget:,} tokens, {concurrency} call"

@@ -38,7 +38,8 @@ from token_count import log_difference
 
 logger = logging.getLogger(__name__)
 
-#: Attempts per call in all (the transport's own retries of refused connections and 429/503 come first).
+#: Attempts per call in all, unless told otherwise (the command passes API_MAX_ATTEMPTS); the
+#: transport's own retries of refused connections and 429/503 happen within each attempt.
 CALL_ATTEMPTS = 3
 #: Pause before the second attempt, doubled for each later one.
 FIRST_PAUSE = 0.5

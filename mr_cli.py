@@ -26,7 +26,7 @@ from mr_plan_text import estimate_seconds, plan_text, stats_line
 from mr_result import MapReduceRun
 from resources import shared_model_client
 
-logger = logging.getLogger("db_to_model_pipeline")
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_LEVELS", "ServerBackend", "model_backend", "probe_capacity", "run_and_report", "wanted"]
 
