@@ -36,6 +36,7 @@ examples:
   %(prog)s --query "SELECT * FROM customers WHERE city = %%(city)s" --param city=서울 --format csv
   echo "SELECT * FROM product_review_summary" | %(prog)s --json > result.json
   %(prog)s --query "SELECT * FROM orders" --dry-run          # show the prompt, send nothing
+  %(prog)s --query "SELECT * FROM reviews" --all-rows --template "What do customers complain about? {data}"
   %(prog)s --check                                           # doctor: settings, database, model server
 
 template placeholders: {data} {context} {row_count} {columns} {query}
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_options(parser.add_argument_group("prompt"))
     _model_options(parser.add_argument_group("model server (override .env)"))
     _output_options(parser.add_argument_group("output and modes"))
+    _all_rows_options(parser.add_argument_group("every row: one question answered over all rows (map-reduce)"))
     return parser
 
 
@@ -86,8 +88,9 @@ def _query_options(q: argparse._ArgumentGroup) -> None:
     source.add_argument("--query-file", metavar="FILE", help="read the SQL from a .sql file (UTF-8)")
     q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="bind a value to %%(NAME)s in the SQL (repeatable)")
-    q.add_argument("--max-rows", type=positive_int, default=DEFAULT_FETCH_ROWS, metavar="N",
-                   help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,})")
+    q.add_argument("--max-rows", type=positive_int, metavar="N",
+                   help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,}; "
+                   "no limit with --all-rows)")
 
 
 def _prompt_options(p: argparse._ArgumentGroup) -> None:
@@ -136,6 +139,21 @@ def _output_options(o: argparse._ArgumentGroup) -> None:
     verbosity = o.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (SQL included) and tracebacks")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress or statistics on stderr")
+
+
+def _all_rows_options(a: argparse._ArgumentGroup) -> None:
+    a.add_argument("--all-rows", action="store_true",
+                   help="ask about every row: when the rows do not fit one prompt, answer the template for each "
+                   "part of them and combine the answers (no default row cap). Answers are checkpointed beside "
+                   "--output FILE (FILE.mapreduce.jsonl), else in ~/.cache/db_to_model_pipeline/ "
+                   "($XDG_CACHE_HOME/db_to_model_pipeline/ when set); rerunning the same command reuses them")
+    reduce = a.add_mutually_exclusive_group()
+    reduce.add_argument("--reduce-template", metavar="TEXT",
+                        help="how partial answers are combined; needs {answers}; also {question} {rows} {query} "
+                        "{context} {columns} {row_count}")
+    reduce.add_argument("--reduce-template-file", metavar="FILE", help="read the reduce template from a UTF-8 file")
+    a.add_argument("--max-reduce-levels", type=positive_int, metavar="N",
+                   help="stop when the partial answers still do not fit one prompt after N levels of combining (default 4)")
 
 
 def positive_int(text: str) -> int:
@@ -196,7 +214,8 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
         settings.api_base_url()  # an unconfigured PC_IP fails before the query runs
     question = Question(
         query, template, context, params=params, system_prompt=system_prompt, data_format=args.format,
-        fetch_rows=args.max_rows, prompt_rows=args.prompt_rows, prompt_tokens=args.prompt_budget,
+        fetch_rows=DEFAULT_FETCH_ROWS if args.max_rows is None else args.max_rows, prompt_rows=args.prompt_rows,
+        prompt_tokens=args.prompt_budget,
         prompt_chars=args.prompt_max_chars, max_cell_chars=args.max_cell_chars,
     )
     # With --json the pieces are collected, not printed: stdout carries one JSON object, and an
@@ -247,6 +266,10 @@ def _read_text_file(path: str, what: str) -> str:
         raise UsageError(f"The {what} file {path} is not UTF-8.", hint="Fix: save it as UTF-8.") from None
     except OSError as exc:
         raise UsageError(f"Cannot read the {what} file {path}: {exc.strerror}.") from None
+
+
+#: For the modes' own flags (a reduce template file ...).
+read_text_file = _read_text_file
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, str] | None:

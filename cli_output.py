@@ -135,6 +135,14 @@ def format_stats(stats: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def truncation_hint(run: RunResult) -> str:
+    """What a truncated single question tells the user: how many rows the model saw, and --all-rows."""
+    total = f"{'at least ' if run.more_rows else ''}{run.rows_total:,}"
+    return (f"Only {run.rows_shown:,} of {total} rows fit in the prompt, so the model saw only those. "
+            "Add --all-rows to ask about every row (the rows are split over several calls and the answers "
+            "combined into one).")
+
+
 def json_document(run: RunResult | None, answer: str | None, error: dict[str, Any] | None = None,
                   complete: bool = True) -> dict[str, Any]:
     """The --json object for a run (None: the run never started, e.g. a usage error)."""
@@ -148,6 +156,7 @@ def json_document(run: RunResult | None, answer: str | None, error: dict[str, An
         "rows_total": run.rows_total if run is not None else 0,
         "more_rows": bool(run and run.more_rows),
         "truncated": bool(run and run.truncated),
+        "hint": truncation_hint(run) if run is not None and run.truncated else None,
         "prompt_chars": prompt.char_count if prompt else None,
         "prompt_tokens_estimate": prompt.estimated_tokens if prompt else None,
         "protocol": stats.get("protocol"),

@@ -23,9 +23,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
 
 import config
+import mr_cli
 from cli_args import EPILOG, Command, build_parser, parse_arguments, prepare, setting_overrides
 from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command_logging, setup_logging
-from cli_output import MaskedStream, error_info, format_stats, json_document, write_atomically
+from cli_output import MaskedStream, error_info, format_stats, json_document, truncation_hint, write_atomically
 from config import Settings
 from doctor import run_checks
 from env_files import describe_env_file
@@ -123,6 +124,8 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         setup_logging(settings, args.verbose, args.quiet, console.err)
         logger.info("Settings from %s", describe_env_file(settings.env_file, settings.sources))
         command = prepare(args, settings, console.stdin, console.out.isatty())
+        if mr_cli.wanted(args):  # one question over every row, in several calls: reported by mr_cli
+            return mr_cli.run_and_report(args, command, console)
         run = RunResult(command.question.query)
         _run(command, run, console)
         return _report(command, run, console)
@@ -177,6 +180,8 @@ def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
 
     The prompt's warnings (``run.warnings``) were logged as the prompt was built: not repeated here.
     """
+    if run.truncated:
+        console.progress(truncation_hint(run))
     if not run.rows:
         console.progress("The query returned no rows: nothing was sent to the model.")
         if command.json:

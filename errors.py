@@ -110,6 +110,13 @@ class PromptError(PipelineError):
     exit_code = ExitCode.USAGE
 
 
+class ReduceNotConvergingError(PipelineError):
+    """Combining partial answers would not finish: a level did not shrink them, or the depth limit was reached."""
+
+    code = "REDUCE_NOT_CONVERGING"
+    exit_code = ExitCode.MODEL_ERROR
+
+
 class ModelAPIError(PipelineError):
     """Anything that went wrong talking to the model server.
 

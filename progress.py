@@ -83,6 +83,14 @@ class ProgressBar:
             elif not self._quiet and self._clock() - self._last_line >= self._interval:
                 self._write_line()
 
+    def set_total(self, total: int) -> None:
+        """Set the total once it is known (work that is planned while it runs)."""
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
     def status(self) -> str:
         """``rows 1,200/5,000 (24%), 35.2 rows/s, ETA 1m48s, 3 failed``."""
         elapsed = max(self._clock() - self._started, 1e-9)

@@ -53,7 +53,7 @@ __all__ = [
     "DEFAULT_CONTEXT_TOKENS", "DEFAULT_MAX_CELL_CHARS", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_RESERVE_TOKENS",
     "ELLIPSIS", "FORMATS", "PLACEHOLDERS", "PromptResult", "build_prompt", "build_prompt_from_data",
     "check_template", "default_token_budget", "estimate_tokens", "format_db_results", "format_value",
-    "load_template",
+    "load_template", "prompt_frame",
 ]
 
 #: Phi-4's window, shared by the prompt and the answer.
@@ -474,6 +474,24 @@ def _without_columns(source: _Input, template: Template, context: str, budget: i
         text=text, rows_shown=0, rows_total=total, truncated=rows > 0, char_count=len(text),
         estimated_tokens=tokens, warnings=tuple(warnings), rows_read=rows, token_counter=counter_name,
     )
+
+
+def prompt_frame(db_data: Mapping[str, Any], template: str | os.PathLike[str] | None = None,
+                 additional_context: str | None = None, *, data_format: str = "markdown", max_tokens: int | None = None,
+                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 system_prompt: str | None = None, counter: TokenCounter | None = None,
+                 ) -> tuple[Frame, int, tuple[str, ...]]:
+    """``(frame, token budget, warnings)``: what :func:`build_prompt` puts around the data, for modes that
+    pack rows into several prompts. ``db_data`` gives ``columns``, ``row_count`` and ``query`` (no rows).
+    """
+    source = _unpack({**db_data, "results": []})
+    _check_options(data_format, max_tokens, None, None, None, additional_context, system_prompt)
+    counter = counter or get_counter()
+    context = additional_context or ""
+    budget, outside = _budget(max_tokens, context_tokens, max_new_tokens, system_prompt, counter)
+    parsed = _template(template, data_format, source, context)
+    parts, warnings = _frame_parts(parsed, source, context, str(source.row_count or 0))
+    return Frame(parts, outside), budget, tuple(warnings)
 
 
 def build_prompt_from_data(

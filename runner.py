@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import config
 import prompt_builder
+import token_count
 from config import Settings
 from db_connector import RowStream
 from errors import ModelAPIError
@@ -213,6 +214,8 @@ def run_question(
         raise
     run.answer = response
     run.total_time = round(time.perf_counter() - started, 3)
+    token_count.log_difference(prompt.estimated_tokens, prompt.token_counter,
+                               getattr(generation.stats, "input_tokens", None))
     return run
 
 

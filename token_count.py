@@ -313,6 +313,20 @@ def _ranks(data: bytes) -> dict[bytes, int]:
     return ranks
 
 
+def log_difference(ours: int, counter_name: str, theirs: Any, what: str = "the prompt") -> int | None:
+    """Log how a server's own count of a prompt's input tokens differs from ours; the difference.
+
+    The pc server and Ollama report it (``input_tokens``); theirs also covers the chat
+    template's role markers and the system prompt. Returns None when the server gave no count.
+    """
+    if not isinstance(theirs, int) or isinstance(theirs, bool) or theirs <= 0:
+        return None
+    difference = theirs - ours
+    logger.debug("Tokens of %s: %d by our count (%s), %d by the server's (%+d, %+.1f%%)", what, ours,
+                 counter_name, theirs, difference, 100.0 * difference / max(ours, 1))
+    return difference
+
+
 # ---------------------------------------------------------------------------
 # The process-wide default
 # ---------------------------------------------------------------------------
