@@ -22,7 +22,7 @@ from config import Settings
 from db_connector import RowStream
 from errors import ModelAPIError
 from prompt_builder import PromptResult
-from resources import shared_database, shared_model_client
+from resources import shared_database, shared_model_pool
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +189,12 @@ def run_question(
     if dry_run:
         return run
 
-    client = shared_model_client(settings)
+    # Single-question mode: a request that may already be generating is never sent to a second
+    # server (the pool's default), so the partial answer is kept and nothing is generated twice.
+    client = shared_model_pool(settings)
     if progress:
         rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
-        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display_url} ...")
+        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display} ...")
     try:
         if stream:
             with client.stream(prompt.text, q.system_prompt, max_new_tokens, q.temperature) as generation:
@@ -203,7 +205,7 @@ def run_question(
         else:
             generation = client.generate(prompt.text, q.system_prompt, max_new_tokens, q.temperature)
         response = generation.text
-        run.model_stats = generation.stats  # includes "server", the base URL that answered
+        run.model_stats = generation.stats  # includes "server", the base URL of the server that answered
     except ModelAPIError as exc:
         _keep_error_context(run, exc)
         raise

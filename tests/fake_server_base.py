@@ -62,6 +62,18 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def prompt_text(body: Any) -> str:
+    """The user's prompt in a generation request of any protocol ("" when there is none)."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return ""
+
+
 class BlackholeServer:
     """A port whose connection attempts time out (a PC that is off, or a firewall dropping SYNs).
 
@@ -135,6 +147,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
+
+    status_sent = 0
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.status_sent = code
+        super().send_response(code, message)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._connection_opened(self.connection)
+
+    def finish(self) -> None:
+        self.server.fake._connection_closed(self.connection)
+        super().finish()
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -294,7 +320,9 @@ class FakeServer:
             proxy dropping it): the request may have reached the model.
 
     Inspection: ``requests`` (every request), ``count()``, ``generations`` (generation POSTs),
-    ``peak_generations`` (most generations in progress at once), ``disconnects``, ``pieces_sent``.
+    ``answered`` (the prompt of each generation answered with a 2xx in full), ``peak_generations`` (most
+    generations in progress at once), ``disconnects``, ``pieces_sent``. ``kill()`` dies like a
+    crashed process, dropping the connections in progress.
     """
 
     protocol = ""
@@ -351,6 +379,8 @@ class FakeServer:
         self.long_line = long_line
         self.drop = drop
         self.requests: list[RecordedRequest] = []
+        self.answered: list[str] = []  # the prompt of every generation answered in full
+        self._connections: set[socket.socket] = set()
         self.disconnects = 0
         self.pieces_sent = 0
         self.in_progress = 0
@@ -400,6 +430,30 @@ class FakeServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def kill(self) -> None:
+        """Die like a crashed process: stop listening and drop every open connection, answering nothing
+        more (generations in progress are abandoned; their clients see the connection close)."""
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+    def _connection_opened(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(connection)
+
+    def _connection_closed(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(connection)
 
     def __enter__(self) -> FakeServer:
         return self.start()
@@ -471,8 +525,12 @@ class FakeServer:
             elif self.malformed_json:
                 h.send_bytes(200, b'{"response": "\xeb\xb6\x84\xec\x84\x9d", "stats": {"generation_time": 2.',
                              "application/json")
-            else:
+            elif not self._stopping.is_set():
+                h.status_sent = 0
                 self.route(h, method, path, body, raw)
+                if 200 <= h.status_sent < 300:
+                    with self._lock:
+                        self.answered.append(prompt_text(body))
         finally:
             with self._lock:
                 self.in_progress -= 1

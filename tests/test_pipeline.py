@@ -232,8 +232,9 @@ def test_check_passes_with_database_and_server(run):
     assert lines[0].startswith("[ OK ] settings")
     assert any(line.startswith("[ OK ] database: connected") and "PostgreSQL 15" in line for line in lines)
     assert any(line.startswith("[ OK ] read-only: sessions default to read-only") for line in lines)
-    assert "[ OK ] protocol: ollama (detected)" in lines
-    assert any(line.startswith("[ OK ] model: phi4") for line in lines)
+    # One line per server: reachable, protocol, model, how many generations at once, ready.
+    assert (f"[ OK ] model server: {srv.base_url}: ready; ollama (detected: Ollama 0.5.1); model phi4; 1 at a time "
+            "(default; set #slots=N if the server runs more)") in lines
     assert posts(srv) == []  # checking never starts a generation
 
 
