@@ -144,6 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # else small writes wait ~40 ms for delayed ACKs
     server: _HTTPServer
     generating = False  # this request is a generation (the fault switches apply)
+    generation_ended = False  # counted out of ``in_progress`` already
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -216,8 +217,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data[index : index + 1])
                 self.wfile.flush()
         else:
+            self.end_generation()
             self.wfile.write(data)
         self.wfile.flush()
+
+    def end_generation(self) -> None:
+        """The model's work on this request is over: its last bytes are about to go out. (Counted
+        here rather than after the write: the client may send its next request the moment the
+        answer has arrived, before this thread gets to run again.)"""
+        if self.generating and not self.generation_ended:
+            self.generation_ended = True
+            self.server.fake._generation_ended()
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self.send_bytes(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", headers)
@@ -256,9 +266,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.long_line and pieces_are_chunks:
             self._send_long_line(fake.long_line, chunked)
         sent = 0
-        for item in items:
-            if not item:
-                continue  # an empty chunk would end a chunked body
+        items = [item for item in items if item]  # an empty chunk would end a chunked body
+        for index, item in enumerate(items):
+            if index == len(items) - 1:
+                self.end_generation()
             is_piece = pieces_are_chunks and not isinstance(item, Meta)
             if pieces_are_chunks and fake.cut_after is not None and sent >= fake.cut_after and (is_piece or sent):
                 self.close_connection = True
@@ -316,6 +327,8 @@ class FakeServer:
         trickle: send a whole (non-streamed) answer one byte every ``trickle`` seconds: never
             silent for long, never done (a read timeout alone never fires).
         long_line: start a stream with that many bytes without a newline (not a line protocol).
+        gate: a ``threading.Event``: generations wait until it is set (the test decides when the
+            model "finishes"), after any ``delay``.
         drop: close the connection on a generation request without answering (a crash, or a
             proxy dropping it): the request may have reached the model.
 
@@ -352,6 +365,7 @@ class FakeServer:
         trickle: float | None = None,
         long_line: int | None = None,
         drop: bool = False,
+        gate: threading.Event | None = None,
     ) -> None:
         self.answer = answer
         self.host = host
@@ -378,6 +392,7 @@ class FakeServer:
         self.trickle = trickle
         self.long_line = long_line
         self.drop = drop
+        self.gate = gate
         self.requests: list[RecordedRequest] = []
         self.answered: list[str] = []  # the prompt of every generation answered in full
         self._connections: set[socket.socket] = set()
@@ -507,7 +522,7 @@ class FakeServer:
         if method != "POST" or path not in self.generate_paths:
             self.route(h, method, path, body, raw)
             return
-        h.generating = True
+        h.generating, h.generation_ended = True, False
         with self._lock:
             fail = self._failed < self.fail_first
             if fail:
@@ -522,6 +537,8 @@ class FakeServer:
                 self._send_failure(h)
             elif self.delay and self._stopping.wait(self.delay):
                 return
+            elif self.gate is not None and not self._wait_for_gate():
+                return
             elif self.malformed_json:
                 h.send_bytes(200, b'{"response": "\xeb\xb6\x84\xec\x84\x9d", "stats": {"generation_time": 2.',
                              "application/json")
@@ -532,8 +549,19 @@ class FakeServer:
                     with self._lock:
                         self.answered.append(prompt_text(body))
         finally:
-            with self._lock:
-                self.in_progress -= 1
+            h.end_generation()
+
+    def _generation_ended(self) -> None:
+        with self._lock:
+            self.in_progress -= 1
+
+    def _wait_for_gate(self) -> bool:
+        """Wait until the gate opens (True) or the server stops (False)."""
+        assert self.gate is not None
+        while not self.gate.wait(0.02):
+            if self._stopping.is_set():
+                return False
+        return not self._stopping.is_set()
 
     def _send_failure(self, h: _Handler) -> None:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
