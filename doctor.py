@@ -95,10 +95,12 @@ def _check_model_server(settings: Settings, report: _Report) -> None:
     usable = [health for health in healths if health.ok]
     for health, protocol_setting in zip(healths, configured):
         _server_line(report, health, protocol_setting, none_usable=not usable)
-    if len(healths) > 1:
+    if len(healths) > 1 and usable:
         capacity = sum(health.concurrency or 1 for health in usable)
-        report.line(bool(usable), "model servers", f"{len(usable)} of {len(healths)} ready; together they run "
+        report.line(True, "model servers", f"{len(usable)} of {len(healths)} ready; together they run "
                     f"{capacity} generation{'s' if capacity != 1 else ''} at once")
+    elif len(healths) > 1:
+        report.line(False, "model servers", f"none of the {len(healths)} is ready")
 
 
 def _server_line(report: _Report, health: HealthReport, protocol_setting: str, none_usable: bool) -> None:

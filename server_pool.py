@@ -309,9 +309,9 @@ class ModelServerPool:
             ticket = self._queue.popleft()
             server.in_flight += 1
             ticket.server = server
-            # Another usable server: a refused connection or a 503 goes there at once instead of
-            # being retried here with backoff.
-            others = any(s.state == UP for s in self._servers if s is not server)
+            # Another server that is up (or not checked yet): a refused connection or a 503 goes
+            # there at once instead of being retried here with backoff.
+            others = any(s.state != DOWN for s in self._servers if s is not server)
             ticket.attempts = 1 if others else None
             ticket.event.set()
         if self._queue and not any(s.state in (NEW, UP) or s.probing for s in self._servers):
@@ -396,11 +396,11 @@ class ModelServerPool:
         delay = min(self.max_cooldown, self.cooldown * 2 ** (server.failures - 1))
         server.retry_at = now + delay
         if server.state == DOWN:
-            logger.info("Model server %s is still down: %s; next check in %.1f s", server.display,
+            logger.info("Model server %s is still down: %s; next check in %.3g s", server.display,
                         error.message.rstrip("."), delay)
         else:
             (logger.info if quiet else logger.warning)(
-                "Model server %s is down: %s. It gets no work until a health check passes; next check in %.1f s",
+                "Model server %s is down: %s. It gets no work until a health check passes; next check in %.3g s",
                 server.display, error.message.rstrip("."), delay)
         server.state = DOWN
 
