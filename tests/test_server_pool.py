@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,32 @@ def test_callers_are_served_in_the_order_they_came():
     assert srv.peak_generations == 1
 
 
+def test_ctrl_c_while_waiting_for_a_slot_leaves_the_line_and_takes_no_slot():
+    gate = threading.Event()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with FakePCServer(serial=False, gate=gate) as srv:
+            pool = make_pool(srv.base_url)
+            with ThreadPoolExecutor(1) as executor:
+                first = executor.submit(pool.generate, "first")
+                wait_until(lambda: srv.in_progress == 1, "the first request at the server")
+                signal.setitimer(signal.ITIMER_REAL, 0.2)  # fires while this thread waits in line
+                with pytest.raises(KeyboardInterrupt):
+                    pool.generate("interrupted")
+                assert pool.waiting == 0 and pool.in_flight == 1
+                gate.set()
+                assert first.result(timeout=30).text == DEFAULT_ANSWER
+            assert pool.generate("after").text == DEFAULT_ANSWER and pool.in_flight == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert srv.answered == ["first", "after"]
+
+
 def test_dispatch_goes_by_free_capacity_relative_to_the_limit_not_round_robin():
     gate = threading.Event()
     with FakeOpenAIServer(slots=2, gate=gate) as small, FakeOpenAIServer(slots=4, gate=gate) as big:
@@ -223,7 +250,8 @@ def test_a_request_that_never_reached_a_model_goes_to_another_server_at_once():
     assert loading.generations == 1 and loading.answered == []  # one 503, no retry there with backoff
 
 
-def test_a_server_slow_to_load_gets_work_once_a_get_says_it_is_ready():
+def test_a_server_slow_to_load_gets_work_once_a_get_says_it_is_ready(caplog):
+    caplog.set_level(logging.INFO, logger="server_pool")
     with FakeOpenAIServer(loading=True, slots=2, delay=0.01) as llama, FakePCServer(serial=False, delay=0.02) as pc:
         pool = make_pool(llama.base_url, pc.base_url, cooldown=0.01)
         results = run_many(pool, [f"a{i}" for i in range(20)], threads=4)
@@ -241,6 +269,9 @@ def test_a_server_slow_to_load_gets_work_once_a_get_says_it_is_ready():
     assert first_post > 0 and all(r.method == "GET" for r in after[:first_post])  # checked with GETs first
     everything = answered_counts(llama, pc)
     assert max(everything.values()) == 1 and sum(everything.values()) == 20 + sent
+    # The log records each change: down (with why), then back.
+    assert f"Model server {llama.base_url} is down: The model server at {llama.base_url} is still loading" in caplog.text
+    assert f"Model server {llama.base_url} is back: openai, 2 at a time" in caplog.text
 
 
 def test_an_ambiguous_failure_is_not_resent_unless_asked():
