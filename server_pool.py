@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import config
-from errors import PipelineError
+from errors import ConfigError, PipelineError
 from generation import Generation, HealthReport
 from pool_health import AMBIGUOUS, FAILOVER, failure_kind, fresh_error, limit_for, not_ready_error, unavailable_error
 from server_client import ServerClient
@@ -117,8 +117,8 @@ class ModelServerPool:
         specs = list(servers) if servers is not None else settings.server_specs()
         self._servers = [_Server(ServerClient(settings, spec, sleep=sleep, clock=clock)) for spec in specs]
         if not self._servers:
-            raise config.ConfigError("No model server given to the pool.",
-                                     hint="Fix: set API_BASE_URL (or PC_IP) or pass --api-url.")
+            raise ConfigError("No model server given to the pool.",
+                              hint="Fix: set API_BASE_URL (or PC_IP) or pass --api-url.")
         self.cooldown = cooldown
         self.max_cooldown = max_cooldown
         self._rand = rand
@@ -188,6 +188,7 @@ class ModelServerPool:
             return client.generate(prompt, system_prompt, max_new_tokens, temperature, json_schema=json_schema,
                                    attempts=attempts)
 
+        self.clients[0].request(prompt, system_prompt, max_new_tokens, temperature)  # an empty prompt: no slot
         return self._run(call, retry_ambiguous, wait_for_server)
 
     def stream(self, prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
@@ -203,6 +204,7 @@ class ModelServerPool:
             return client.stream(prompt, system_prompt, max_new_tokens, temperature, json_schema=json_schema,
                                  attempts=attempts)
 
+        self.clients[0].request(prompt, system_prompt, max_new_tokens, temperature)  # an empty prompt: no slot
         return self._run(call, retry_ambiguous, wait_for_server)
 
     def _run(self, call: Callable[[ServerClient, int | None], Generation], retry_ambiguous: bool,
@@ -227,7 +229,7 @@ class ModelServerPool:
                 self._finish(server, exc)
                 if kind == FAILOVER or (kind == AMBIGUOUS and retry_ambiguous):
                     if len(self._servers) > 1:
-                        logger.warning("A request failed on %s (%s); it goes to another server", server.display,
+                        logger.warning("A request failed on %s (%s); trying another server", server.display,
                                        exc.message)
                     last_error = exc
                     continue

@@ -454,3 +454,13 @@ def _outcome(future: Any) -> Any:
         return future.result(timeout=60)
     except PipelineError as exc:
         return exc
+
+
+def test_an_empty_prompt_is_refused_before_it_takes_a_slot_or_reaches_a_server():
+    with FakeOllamaServer() as srv:
+        pool = make_pool(srv.base_url)
+        with pytest.raises(InvalidPromptError, match="The prompt is empty"):
+            pool.generate("   ")
+        with pytest.raises(InvalidPromptError):
+            pool.stream("")
+        assert srv.requests == [] and pool.statuses()[0].failed == 0 and pool.in_flight == 0
