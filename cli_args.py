@@ -22,6 +22,7 @@ from config import Settings
 from db_connector import check_read_only_query
 from errors import UsageError
 from runner import DEFAULT_FETCH_ROWS, Question
+from server_spec import checked_ca_bundle
 
 EPILOG = """\
 examples:
@@ -184,7 +185,8 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
     if template is not None:
         prompt_builder.check_template(template)  # a typo fails before the query runs
     if not args.dry_run:
-        settings.server_specs()  # an unconfigured PC_IP fails before the query runs
+        for spec in settings.server_specs():  # an unconfigured PC_IP fails before the query runs,
+            checked_ca_bundle(spec)  # and so does a missing #ca= file
     question = Question(
         query, template, context, params=params, system_prompt=system_prompt, data_format=args.format,
         fetch_rows=args.max_rows, prompt_rows=args.prompt_rows, prompt_tokens=args.prompt_budget,

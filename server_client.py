@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import config
@@ -35,7 +34,7 @@ from http_bodies import DETAIL_CHARS, describe_body, error_detail, shorten
 from http_transport import HttpTransport, Reply, TransportOptions
 from model_protocols import PROTOCOLS, GenerationRequest, Probe, ProbeFn, Protocol, ServerInfo, detect_protocol
 from retry_policy import RetryPolicy
-from server_spec import ServerSpec, SpecProblem, parse_server
+from server_spec import ServerSpec, SpecProblem, checked_ca_bundle, parse_server
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +61,6 @@ def transport_options(settings: config.Settings, ca_bundle: str | None = None) -
         stream_max_seconds=settings.api_stream_max_seconds,
         ca_bundle=ca_bundle,
     )
-
-
-def _checked_ca_bundle(spec: ServerSpec) -> str | None:
-    """The server's ``#ca=`` file, which must exist (a missing one would fail every request later)."""
-    if spec.ca_bundle is None:
-        return None
-    path = Path(spec.ca_bundle).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"The CA bundle {spec.ca_bundle} given for the model server {spec.display} (#ca=) does not exist.",
-            hint=f"Fix: give the path of the PEM file of the CA that signed that server's certificate, as in "
-            f"{spec.display}#ca=/path/to/ca.pem, or remove #ca= from API_BASE_URL / --api-url.",
-        )
-    return str(path)
 
 
 class ServerClient:
@@ -113,7 +98,7 @@ class ServerClient:
         self.configured_protocol = spec.protocol or settings.api_protocol
         self._clock = clock
         self.transport = transport or HttpTransport(
-            self.base_url, transport_options(settings, _checked_ca_bundle(spec)), sleep=sleep, clock=clock)
+            self.base_url, transport_options(settings, checked_ca_bundle(spec)), sleep=sleep, clock=clock)
         self._detect_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._protocol: Protocol | None = None

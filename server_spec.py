@@ -12,17 +12,20 @@ here anyway: only the base URL reaches the server.
 * ``protocol=pc|ollama|openai``: skip detection for that server (default ``API_PROTOCOL``);
 * ``ca=PATH``: a CA bundle (PEM) that signs that server's certificate.
 
-Parsing is pure (no I/O) so that settings can be validated when they load. Problems raise
-:class:`setting_parsers.SettingProblem` with the server named and the fix shown.
+Parsing is pure (no I/O) so that settings can be validated when they load; problems raise
+:class:`SpecProblem` with the server named and the fix shown. :func:`checked_ca_bundle` looks for
+the ``ca=`` file when the server is about to be used.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
+from errors import ConfigError
 from masking import mask_url_password
 
 MAX_SLOTS = 256
@@ -165,3 +168,17 @@ def _fragment_value(key: str, value: str, shown: str, where: str) -> object:
 def describe_servers(specs: Sequence[ServerSpec]) -> str:
     """``http://a:8000, http://b:11434#slots=4`` (passwords masked) for messages and logs."""
     return ", ".join(spec.text() for spec in specs)
+
+
+def checked_ca_bundle(spec: ServerSpec) -> str | None:
+    """The server's ``#ca=`` file, which must exist (a missing one would fail every request later)."""
+    if spec.ca_bundle is None:
+        return None
+    path = Path(spec.ca_bundle).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"The CA bundle {spec.ca_bundle} given for the model server {spec.display} (#ca=) does not exist.",
+            hint=f"Fix: give the path of the PEM file of the CA that signed that server's certificate, as in "
+            f"{spec.display}#ca=/path/to/ca.pem, or remove #ca= from API_BASE_URL / --api-url.",
+        )
+    return str(path)

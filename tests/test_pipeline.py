@@ -321,6 +321,8 @@ def test_address_mistakes_are_usage_errors_that_show_the_fix(run):
     fragment = run("--query", "SELECT 1", "--api-url", "http://127.0.0.1:8000#slots=many")
     assert fragment.returncode == 2 and "slots must be a whole number" in fragment.stderr
     assert "http://127.0.0.1:8000#slots=4" in fragment.stderr
+    ca = run("--query", "SELECT 1", "--api-url", "https://127.0.0.1:8443#ca=missing-ca.pem")
+    assert ca.returncode == 2 and "The CA bundle missing-ca.pem given for the model server" in ca.stderr
 
 
 # --- exit codes and messages ------------------------------------------------------------
