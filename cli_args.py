@@ -24,6 +24,7 @@ import sql_guard
 from db_connector import check_read_only_query
 from errors import QueryError, UsageError
 from runner import DEFAULT_FETCH_ROWS, Question
+from server_spec import checked_ca_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def _prompt_options(p: argparse._ArgumentGroup) -> None:
 
 
 def _model_options(m: argparse._ArgumentGroup) -> None:
-    m.add_argument("--api-url", metavar="URL", help="server base URL (API_BASE_URL), e.g. http://192.168.0.10:11434")
+    m.add_argument("--api-url", action="append", metavar="URL",
+                   help="model server base URL (API_BASE_URL), e.g. http://192.168.0.10:11434; repeat it (or give a "
+                   "comma-separated list) for several servers, each with optional #slots=N&model=NAME")
     m.add_argument("--protocol", choices=config.PROTOCOLS, help="API_PROTOCOL (default auto-detect)")
     m.add_argument("--model", metavar="NAME", help="MODEL_NAME for Ollama/OpenAI-compatible servers")
     m.add_argument("--timeout", metavar="SECONDS", help="API_TIMEOUT: how long to wait for the answer")
@@ -179,8 +182,12 @@ def parse_arguments(argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO) 
 
 
 def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given by flags, for :func:`config.load_settings` (None: not given)."""
-    return {name: getattr(args, attribute) for name, attribute in SETTING_FLAGS.items()}
+    """The settings given by flags, for :func:`config.load_settings` (None: not given).
+
+    A repeated flag (``--api-url A --api-url B``) gives a comma-separated list.
+    """
+    overrides = {name: getattr(args, attribute) for name, attribute in SETTING_FLAGS.items()}
+    return {name: ",".join(value) if isinstance(value, list) else value for name, value in overrides.items()}
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,8 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
     if template is not None:
         prompt_builder.check_template(template)  # a typo fails before the query runs
     if not args.dry_run:
-        settings.api_base_url()  # an unconfigured PC_IP fails before the query runs
+        for spec in settings.server_specs():  # an unconfigured PC_IP fails before the query runs,
+            checked_ca_bundle(spec)  # and so does a missing #ca= file
     question = Question(
         query, template, context, params=params, system_prompt=system_prompt, data_format=args.format,
         fetch_rows=DEFAULT_FETCH_ROWS if args.max_rows is None else args.max_rows, prompt_rows=args.prompt_rows,

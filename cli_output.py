@@ -115,7 +115,8 @@ def format_stats(stats: Mapping[str, Any]) -> str:
     if stats.get("prompt_chars") is not None:
         parts.append(f"prompt {stats['prompt_chars']:,} chars ~{stats.get('prompt_tokens_estimate', 0):,} tokens")
     if stats.get("protocol"):
-        parts.append(f"{stats['protocol']}:{stats.get('model') or '?'}")
+        server = f" at {stats['server']}" if stats.get("server") else ""  # which of several servers answered
+        parts.append(f"{stats['protocol']}:{stats.get('model') or '?'}{server}")
     if stats.get("wall_time") is not None:
         timing = f"time {_fmt_seconds(stats['wall_time'])}"
         if stats.get("generation_time") is not None:

@@ -33,15 +33,13 @@ from urllib.parse import quote, urlsplit
 import env_files
 from errors import ConfigError
 from masking import mask_secrets, mask_url_password, url_passwords
-from setting_parsers import (Boolean, Choice, FloatRange, Host, HttpUrl, IntRange, Parser, PemFile, PostgresUrl,
-                             Verbatim)
+from server_spec import ServerSpec, parse_server_list
+from setting_parsers import (Boolean, Choice, FloatRange, Host, HttpUrlList, IntRange, Parser, PemFile, PostgresUrl,
+                             SettingProblem, Verbatim)
+from settings_readme import README, TABLE_END, TABLE_START, readme_settings_table, render_table, rewrite_table
 
 PROTOCOLS = ("auto", "pc", "ollama", "openai")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-README = Path(__file__).resolve().parent / "README.md"
-TABLE_START = "<!-- settings table: generated from config.py by `python config.py --update-readme` -->"
-TABLE_END = "<!-- end of the generated settings table -->"
 
 # Values of the widely copied example .env that cannot work until edited.
 _PLACEHOLDER_VALUES = {"your_database", "your_user", "your_password", "your_api_key"}
@@ -88,12 +86,13 @@ class Settings:
 
     # Model server on the PC
     pc_ip: str | None = setting(
-        "PC_IP", None, Host(), "the PC's LAN address; the server URL is `http://{PC_IP}:{API_PORT}`",
+        "PC_IP", None, Host(port_setting="API_PORT"), "the PC's LAN address; the server URL is `http://{PC_IP}:{API_PORT}`",
         example="192.168.0.XXX")
     api_port: int = setting(
         "API_PORT", "8000", IntRange(1, 65535), "model server port (Ollama 11434, LM Studio 1234, llama.cpp 8080)")
     api_base_url_setting: str | None = setting(
-        "API_BASE_URL", None, HttpUrl(), "full base URL, overrides `PC_IP`/`API_PORT`; a trailing `/v1` is fine; "
+        "API_BASE_URL", None, HttpUrlList(), "full base URL, overrides `PC_IP`/`API_PORT`; several servers: comma-separated, each with optional "
+        "`#slots=N&model=NAME&protocol=P&ca=PATH` (see Several model servers); a trailing `/v1` is fine; "
         "a password in it is masked everywhere")
     api_protocol: str = setting(
         "API_PROTOCOL", "auto", Choice(PROTOCOLS), "`pc` is this project's FastAPI server; `auto` detects it")
@@ -143,7 +142,7 @@ class Settings:
         "MODEL_DIR", None, Parser(), "PC only: model folder", example="./models/phi4-quantized")
     laptop_ip: str | None = setting("LAPTOP_IP", None, Host(), "the laptop's LAN address (informational)")
     # Database
-    db_host: str = setting("DB_HOST", "localhost", Host(), "PostgreSQL host")
+    db_host: str = setting("DB_HOST", "localhost", Host(port_setting="DB_PORT"), "PostgreSQL host")
     db_port: int = setting("DB_PORT", "5432", IntRange(1, 65535), "PostgreSQL port")
     db_name: str | None = setting(
         "DB_NAME", None, Parser(), "database name", example="shop", default_doc="(libpq default)")
@@ -183,14 +182,21 @@ class Settings:
         return self.sources.get(name, "default")
 
     def api_base_url(self) -> str:
-        """The model server's base URL: ``API_BASE_URL`` or ``http://{PC_IP}:{API_PORT}``.
+        """The (first) model server's base URL: ``API_BASE_URL`` or ``http://{PC_IP}:{API_PORT}``.
 
-        Raises ConfigError when neither is configured or ``PC_IP`` is still a placeholder.
+        Without the ``#`` settings. Raises ConfigError when neither is configured or a value is
+        still a placeholder.
         """
+        return self.server_specs()[0].url
+
+    def server_specs(self) -> list[ServerSpec]:
+        """Every configured model server (``API_BASE_URL``'s list, else the one from ``PC_IP``)."""
         if self.api_base_url_setting:
-            if is_placeholder(self.api_base_url_setting):
-                raise _not_configured("API_BASE_URL", mask_url_password(self.api_base_url_setting), self)
-            return self.api_base_url_setting
+            specs = parse_server_list(self.api_base_url_setting)
+            for spec in specs:
+                if is_placeholder(spec.url):
+                    raise _not_configured("API_BASE_URL", spec.display, self)
+            return specs
         if not self.pc_ip:
             raise ConfigError(
                 "The model server is not configured yet: PC_IP is not set.",
@@ -199,10 +205,8 @@ class Settings:
             )
         if is_placeholder(self.pc_ip):
             raise _not_configured("PC_IP", self.pc_ip, self)
-        host = self.pc_ip
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        return f"http://{host}:{self.api_port}"
+        host = f"[{self.pc_ip}]" if ":" in self.pc_ip else self.pc_ip  # an IPv6 literal
+        return [ServerSpec(f"http://{host}:{self.api_port}")]
 
     def db_display(self) -> str:
         """``user@host:port/dbname`` for messages; never the password."""
@@ -258,7 +262,8 @@ class Settings:
             if not value:
                 continue
             if var.parse.is_url:
-                found.extend(url_passwords(value))
+                for url in var.parse.urls(value):
+                    found.extend(url_passwords(url))
             elif var.secret:
                 found.append(value)
         return found
@@ -279,7 +284,7 @@ def _shown(var: Setting, value: Any) -> Any:
     if value is None or value == "":
         return value
     if var.parse.is_url:
-        return mask_url_password(value)
+        return var.parse.mask(value)
     return "***" if var.secret else value
 
 
@@ -348,6 +353,9 @@ def load_settings(
             continue
         try:
             values[var.field] = var.parse(raw)
+        except SettingProblem as exc:
+            problems.append(f"{exc.describe(var.name)} (from {source})")
+            values[var.field] = None
         except ValueError as exc:
             problems.append(f"{var.name} must be {exc}, got {_shown_raw(var, raw)!r} (from {source})")
             values[var.field] = None
@@ -377,39 +385,12 @@ def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
 
 def settings_table() -> str:
     """The README's Configuration table (Markdown), one row per declared setting."""
-    lines = ["| Variable | Default | Values | Meaning |", "|---|---|---|---|"]
-    for var in VARIABLES:
-        default = var.default_doc or ("(none)" if var.default is None else f"`{var.default}`")
-        doc = var.doc
-        if var.example is not None and not var.secret and not is_placeholder(var.example):
-            doc += f" (`.env.example`: `{var.example}`)"
-        cells = (f"`{var.name}`", default, var.parse.values, doc)
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def readme_settings_table(readme_text: str) -> str | None:
-    """The generated table as it stands in a README's text (None when the markers are missing)."""
-    start, end = readme_text.find(TABLE_START), readme_text.find(TABLE_END)
-    if start < 0 or end < start:
-        return None
-    return readme_text[start + len(TABLE_START):end].strip("\n") + "\n"
+    return render_table(VARIABLES, is_placeholder)
 
 
 def update_readme(path: str | os.PathLike[str] = README) -> bool:
     """Rewrite the settings table between the README's markers; True when the file changed."""
-    target = Path(path)
-    text = target.read_text(encoding="utf-8")
-    if readme_settings_table(text) is None:
-        raise ConfigError(f"{target} has no generated settings table.",
-                          hint=f"Fix: put the two marker lines around the table:\n{TABLE_START}\n{TABLE_END}")
-    before, rest = text.split(TABLE_START, 1)
-    after = rest.split(TABLE_END, 1)[1]
-    new = f"{before}{TABLE_START}\n{settings_table()}{TABLE_END}{after}"
-    if new == text:
-        return False
-    target.write_text(new, encoding="utf-8")
-    return True
+    return rewrite_table(path, settings_table())
 
 
 # --- the process-wide default settings, for the class-level API and ``python -c`` helpers ---

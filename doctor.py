@@ -1,4 +1,4 @@
-"""``--check``: the settings, the database and the model server, one line each with the fix.
+"""``--check``: the settings, the database and each model server, one line each with the fix.
 
 Every line goes through a masking stream, so a password in ``DATABASE_URL``, ``API_BASE_URL``,
 ``DB_PASSWORD`` or ``API_KEY`` never reaches the output, whichever message carries it.
@@ -17,6 +17,7 @@ from config import Settings
 from db_connector import Database
 from env_files import describe_env_file
 from errors import ConfigError, DBConnectionError, ExitCode, QueryError
+from generation import HealthReport
 
 logger = logging.getLogger(__name__)
 
@@ -101,41 +102,63 @@ def _check_database(settings: Settings, report: _Report) -> None:
 
 
 def _check_model_server(settings: Settings, report: _Report) -> None:
-    import model_api_client  # imports requests: only when the model server is checked
+    """One line per model server (GETs only); a failure counts only when no server is usable."""
+    import server_pool  # imports requests: only when the model servers are checked
 
     try:
-        base_url = config.mask_url_password(settings.api_base_url())
+        pool = server_pool.ModelServerPool(settings)
     except ConfigError as exc:
         report.fail(ExitCode.USAGE, "model server", exc.message, exc.hint)
         return
-    with model_api_client.ModelAPIClient(settings) as client:
-        health = client.check_health()
-    if not health.reachable:
-        report.fail(ExitCode.MODEL_UNREACHABLE, "model server", f"{base_url}: {health.detail}", health.fix)
+    with pool:
+        healths = pool.check_health()
+        configured = [client.configured_protocol for client in pool.clients]
+    usable = [health for health in healths if health.ok]
+    for health, protocol_setting in zip(healths, configured):
+        _server_line(report, health, protocol_setting, none_usable=not usable)
+    if len(healths) > 1 and usable:
+        capacity = sum(health.concurrency or 1 for health in usable)
+        report.line(True, "model servers", f"{len(usable)} of {len(healths)} ready; together they run "
+                    f"{capacity} generation{'s' if capacity != 1 else ''} at once")
+    elif len(healths) > 1:
+        report.line(False, "model servers", f"none of the {len(healths)} is ready")
+
+
+def _server_line(report: _Report, health: HealthReport, protocol_setting: str, none_usable: bool) -> None:
+    """``[ OK ] model server: URL: ready; protocol; model; limit`` or why it is not usable, with the fix."""
+    protocol = health.protocol or "?"
+    if health.protocol and protocol_setting == "auto":
+        protocol += f" (detected: {health.server_kind})" if health.server_kind else " (detected)"
+    model = health.model_name or "?"
+    if health.ok:
+        limit = f"{health.concurrency} at a time ({health.concurrency_source})" if health.concurrency else ""
+        report.line(True, "model server", f"{health.server}: ready; {protocol}; model {model}; {limit}".rstrip("; "))
         return
-    report.line(True, "model server", f"{base_url} answers")
-    if not health.protocol:
-        report.fail(ExitCode.MODEL_ERROR, "protocol", health.detail, health.fix)
-        return
-    report.line(True, "protocol", health.protocol + (" (detected)" if settings.api_protocol == "auto" else ""))
-    name = health.model_name or settings.model_name
-    if health.model_ready:
-        report.line(True, "model", f"{name} is ready")
+    if health.reachable:
+        code = ExitCode.MODEL_ERROR
+        detail = f"{health.server}: reachable; {protocol}; model {model}; not ready: {health.detail}"
     else:
-        report.fail(ExitCode.MODEL_ERROR, "model", health.detail, health.fix)
+        code = ExitCode.MODEL_UNREACHABLE
+        detail = f"{health.server}: unreachable: {health.detail}"
+    if none_usable:
+        report.fail(code, "model server", detail, health.fix)
+    else:  # the other servers take its share of the work
+        report.line(None, "model server", detail, health.fix)
 
 
 def _check_links(settings: Settings, report: _Report) -> None:
-    """Warnings about the link to the model server: credentials in clear, a public address over
+    """Warnings about the link to each model server: credentials in clear, a public address over
     plain HTTP, a CA bundle that nothing uses. Never a failure: the run may still work."""
     try:
-        url = settings.api_base_url()
+        specs = settings.server_specs()
     except ConfigError:
         return  # the model server's check reports it
-    _check_link(url, settings, report)
+    for spec in specs:
+        _check_link(spec.url, spec.ca_bundle or settings.api_ca_bundle, spec.ca_bundle is not None,
+                    settings, report)
 
 
-def _check_link(url: str, settings: Settings, report: _Report) -> None:
+def _check_link(url: str, ca_bundle: str | None, own_bundle: bool, settings: Settings, report: _Report) -> None:
     """One server's link: its URL as configured (a password in it is masked in every line)."""
     import link_safety  # pure; the resolver waits at most a second for DNS
 
@@ -145,13 +168,14 @@ def _check_link(url: str, settings: Settings, report: _Report) -> None:
         if warning:
             detail, _, fix = warning.partition(" Fix: ")
             report.line(None, "link", detail, "Fix: " + fix if fix else None)
+    setting = f"#ca={ca_bundle}" if own_bundle else "API_CA_BUNDLE"
     if url.lower().startswith("https:"):
-        trusted = f"the system's CAs and {settings.api_ca_bundle}" if settings.api_ca_bundle else "the system's CAs"
+        trusted = f"the system's CAs and {ca_bundle}" if ca_bundle else "the system's CAs"
         report.line(True, "TLS", f"{shown}: its certificate must be signed by {trusted}")
-    elif settings.api_ca_bundle:
-        report.line(None, "TLS", f"API_CA_BUNDLE is set but {shown} is plain HTTP: nothing is encrypted",
+    elif ca_bundle:
+        report.line(None, "TLS", f"{setting} is set but {shown} is plain HTTP: nothing is encrypted",
                     "Fix: use the https:// URL of the TLS proxy in front of the server (README: 'Securing the link "
-                    "to the PC'), or unset API_CA_BUNDLE.")
+                    f"to the PC'), or remove {setting}.")
 
 
 def readable_secrets_file(settings: Settings) -> str | None:

@@ -123,6 +123,9 @@ class HealthReport:
     detail: str = ""
     fix: str | None = None
     server: str | None = None
+    server_kind: str | None = None  # what detection found ("llama.cpp", "Ollama 0.5.1" ...)
+    concurrency: int | None = None  # generations the client sends it at once (a pool's limit)
+    concurrency_source: str | None = None  # where that limit comes from ("#slots", "the server" ...)
 
 
 @dataclass
@@ -176,6 +179,8 @@ class Generation:
         self._iterator: Iterator[str] | None = None
         self._closed = False
         self._first_piece_at: float | None = None  # when the first text arrived, for a measured speed
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self._ended = events is None  # a complete answer has ended already
         if text is not None:
             self._progress.add(text)
 
@@ -230,6 +235,9 @@ class Generation:
                 yield piece
             if not self._closed:
                 self._finish()
+        except Exception as exc:
+            self._end(exc)
+            raise
         finally:
             if not self._done:
                 self._measure()  # the stats so far (an error or Ctrl-C reports them)
@@ -251,6 +259,7 @@ class Generation:
         self._done = True
         self._measure()
         self._release()
+        self._end(None)
         logger.info(
             "Stream from %s finished: %d pieces, %d chars in %.2f s",
             self._url, len(self._progress.pieces), len(self.partial_text), self._stats.wall_time or 0.0,
@@ -306,9 +315,33 @@ class Generation:
         close, self._close = self._close, None
         if close is None:
             return
-        if self._events is not None and hasattr(self._events, "close"):
-            self._events.close()  # type: ignore[union-attr]
-        close()
+        try:
+            if self._events is not None and hasattr(self._events, "close"):
+                self._events.close()  # type: ignore[union-attr]
+            close()
+        finally:
+            self._end(None)
+
+    # --- the end of the answer ---
+
+    def add_done_callback(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error)`` once the answer has ended: whole (None), failed (the error) or
+        closed before the end (None). A complete answer has ended already: called at once.
+
+        A server pool uses it to free the server's slot when a stream ends.
+        """
+        if self._ended:
+            callback(None)
+        else:
+            self._callbacks.append(callback)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(error)
 
     def __enter__(self) -> Generation:
         return self

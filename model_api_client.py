@@ -6,14 +6,17 @@ Speaks three protocols (setting ``API_PROTOCOL``): ``pc`` (this project's FastAP
 
 The work is done below this module:
 
+* :mod:`server_pool`: several servers as one (``ModelServerPool``): concurrency limits, dispatch
+  by free capacity, health checks and failover;
 * :mod:`server_client`: one server (``ServerClient``): detection, model check, generation, health;
 * :mod:`model_protocols`: one class per protocol, in a registry;
 * :mod:`http_transport`: the HTTP session per thread, retries, timeouts, limits, error translation;
 * :mod:`generation`: typed results (``Generation``, ``GenerationStats``, ``HealthReport``).
 
-This module keeps the API scripts use: ``ModelAPIClient`` (``generate`` returns
+This module keeps the API scripts use: ``ModelAPIClient`` (one server; ``generate`` returns
 ``(text, stats_dict)``; ``stream`` yields text pieces and then one stats dict) and the
-module-level ``send_prompt``, ``stream_prompt`` and ``check_server_health`` on a default client
+module-level ``send_prompt``, ``stream_prompt`` and ``check_server_health``, which work on every
+configured server (``API_BASE_URL`` may list several) through a default :class:`ModelServerPool`
 built lazily from :func:`config.get_settings`. Nothing here reads the environment at import time.
 """
 
@@ -30,11 +33,13 @@ from generation import STATS_KEYS, Generation, GenerationStats, HealthReport
 from model_protocols import PROTOCOLS as _PROTOCOL_CLASSES
 from retry_policy import RETRY_STATUSES
 from server_client import ServerClient
+from server_pool import ModelServerPool, ServerStatus
+from server_spec import ServerSpec
 
 __all__ = [
     "PROTOCOLS", "RETRY_STATUSES", "STATS_KEYS", "Generation", "GenerationStats", "HealthReport", "ModelAPIClient",
-    "ServerClient", "check_server_health", "clear_detection_cache", "get_default_client", "send_prompt",
-    "stream_prompt",
+    "ModelServerPool", "ServerClient", "ServerSpec", "ServerStatus", "check_server_health", "clear_detection_cache",
+    "get_default_client", "get_default_pool", "send_prompt", "stream_prompt",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,8 +50,9 @@ PROTOCOLS = tuple(_PROTOCOL_CLASSES)  # ("pc", "ollama", "openai")
 class ModelAPIClient:
     """One model server, with the project's settings: the API scripts have always used.
 
-    ``base_url`` defaults to ``settings.api_base_url()``, resolved on first use (so a dry run
-    never needs ``PC_IP``); a trailing ``/v1`` is stripped and re-added where needed. ``sleep``
+    ``base_url`` defaults to the first configured server, resolved on first use (so a dry run
+    never needs ``PC_IP``); a trailing ``/v1`` is stripped and re-added where needed. For every
+    configured server at once, use :class:`ModelServerPool`. ``sleep``
     and ``clock`` reach the transport (tests pass their own so that backoff takes no time).
     For typed results use :attr:`server` (a :class:`ServerClient`).
     """
@@ -134,14 +140,15 @@ class ModelAPIClient:
         self.close()
 
 
-# --- module-level functions (the ones in the README), on a default client built lazily ---
+# --- module-level functions (the ones in the README), on a default pool built lazily ---
 
 _default_client: ModelAPIClient | None = None
+_default_pool: ModelServerPool | None = None
 _default_lock = threading.Lock()
 
 
 def get_default_client() -> ModelAPIClient:
-    """The client behind the module-level functions, built from :func:`config.get_settings`."""
+    """A client of the first configured server, built from :func:`config.get_settings`."""
     global _default_client
     with _default_lock:
         if _default_client is None:
@@ -149,37 +156,63 @@ def get_default_client() -> ModelAPIClient:
         return _default_client
 
 
+def get_default_pool() -> ModelServerPool:
+    """The pool of every configured server behind the module-level functions (ConfigError if none)."""
+    global _default_pool
+    with _default_lock:
+        if _default_pool is None:
+            _default_pool = ModelServerPool(config.get_settings())
+        return _default_pool
+
+
 def clear_detection_cache() -> None:
-    """Reset the default client: its detected protocol, checked model and HTTP sessions are
-    forgotten, and the next call builds a new one from the current settings. Clients you built
-    yourself keep their own state (``client.server.forget()`` resets one)."""
-    global _default_client
+    """Reset the default client and pool: their detected protocols, checked models, server states and
+    HTTP sessions are forgotten, and the next call builds new ones from the current settings.
+    Clients you built yourself keep their own state (``client.server.forget()`` resets one)."""
+    global _default_client, _default_pool
     with _default_lock:
         client, _default_client = _default_client, None
+        pool, _default_pool = _default_pool, None
     if client is not None:
         client.close()
+    if pool is not None:
+        pool.close()
 
 
 def check_server_health() -> bool:
-    """True only when the server answers and its model is ready. Logs why not; never raises."""
+    """True when at least one configured server answers and its model is ready.
+
+    Checks every server (GETs only) and logs each one's state; never raises.
+    """
     try:
-        client = get_default_client()
+        pool = get_default_pool()
     except PipelineError as exc:
         logger.error("Cannot check the model server: %s", exc)
         return False
-    report = client.check_health()
-    if not report.ok:
-        logger.warning("Model server not ready: %s%s", report.detail, f" ({report.fix})" if report.fix else "")
-    return report.ok
+    reports = pool.check_health()
+    for report in reports:
+        if not report.ok:
+            logger.warning("Model server %s not ready: %s%s", report.server, report.detail,
+                           f" ({report.fix})" if report.fix else "")
+    return any(report.ok for report in reports)
 
 
 def send_prompt(prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
                 temperature: float | None = None) -> tuple[str, dict[str, Any]]:
-    """Send a prompt to the configured model server; returns ``(answer, stats)``."""
-    return get_default_client().generate(prompt, system_prompt, max_new_tokens, temperature)
+    """Send a prompt to the freest configured server; returns ``(answer, stats)``.
+
+    ``stats["server"]`` names the server that answered.
+    """
+    generation = get_default_pool().generate(prompt, system_prompt, max_new_tokens, temperature)
+    return generation.text, generation.stats.as_dict()
 
 
 def stream_prompt(prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
                   temperature: float | None = None) -> Iterator[str | dict[str, Any]]:
     """Like :func:`send_prompt`, but yields text pieces as they arrive, then the stats dict."""
-    return get_default_client().stream(prompt, system_prompt, max_new_tokens, temperature)
+    generation = get_default_pool().stream(prompt, system_prompt, max_new_tokens, temperature)
+    try:
+        yield from generation
+        yield generation.stats.as_dict()
+    finally:
+        generation.close()

@@ -24,39 +24,17 @@ from errors import ConfigError, ExitCode, PipelineError, Terminated, UsageError
 from map_reduce import DEFAULT_MAX_LEVELS, AllRowsOptions, Reporter, run_all_rows
 from mr_plan_text import estimate_seconds, plan_text, stats_line
 from mr_result import MapReduceRun
-from resources import shared_model_client
+from model_backend import PoolBackend
+from resources import shared_model_pool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_LEVELS", "ServerBackend", "model_backend", "probe_capacity", "run_and_report", "wanted"]
+__all__ = ["DEFAULT_MAX_LEVELS", "model_backend", "probe_capacity", "run_and_report", "wanted"]
 
 
-class ServerBackend:
-    """The model backend over the one configured server: ``generate`` and ``capacity``.
-
-    ``capacity`` is the server's own figure (llama.cpp's slots; 1 for the pc server, and for a
-    server that does not say), asked once, with a GET.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.server = shared_model_client(settings)
-        self._capacity: int | None = None
-
-    @property
-    def capacity(self) -> int:
-        if self._capacity is None:
-            self._capacity = self.server.slots() or 1
-        return self._capacity
-
-    def generate(self, prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
-                 temperature: float | None = None, *, json_schema: Any = None, retry_ambiguous: bool = False) -> Any:
-        # One server: there is nowhere else to send a request that may have reached the model.
-        return self.server.generate(prompt, system_prompt, max_new_tokens, temperature, json_schema=json_schema)
-
-
-def model_backend(settings: Settings) -> ServerBackend:
-    """The backend the map and reduce calls go through."""
-    return ServerBackend(settings)
+def model_backend(settings: Settings) -> PoolBackend:
+    """The backend the map and reduce calls go through: the configured servers' pool."""
+    return PoolBackend(shared_model_pool(settings))
 
 
 def probe_capacity(settings: Settings) -> tuple[int | None, str]:
@@ -66,13 +44,12 @@ def probe_capacity(settings: Settings) -> tuple[int | None, str]:
     except ConfigError:
         return None, "the model server is not configured (PC_IP / API_BASE_URL)"
     backend = model_backend(settings)
-    health = backend.server.check_health()
-    if not health.ok:
-        return None, f"{health.server or 'the model server'} is not ready: {health.detail}"
-    try:
-        return backend.capacity, f"{health.server} answered the health check"
-    except PipelineError as exc:
-        return None, f"{health.server}: {exc.message}"
+    reports = backend.health()
+    ready = [report for report in reports if report.ok]
+    if not ready:
+        why = "; ".join(f"{report.server or 'the model server'}: {report.detail}" for report in reports)
+        return None, f"no model server is ready ({why})"
+    return backend.capacity, f"{len(ready)} of {len(reports)} server(s) answered the health check"
 
 
 def wanted(args: argparse.Namespace) -> bool:

@@ -1,7 +1,7 @@
-"""One database pool and one model client per settings, shared by every run in the process.
+"""One database pool and one model server pool per settings, shared by every run in the process.
 
 A script that calls ``run_pipeline`` for thousands of queries connects to PostgreSQL once and
-keeps its HTTP keep-alive session and detected protocol. The process has one default
+keeps its HTTP keep-alive sessions, detected protocols and server states. The process has one default
 :class:`SharedResources`; :func:`close_resources` closes and forgets what it holds (the CLI
 calls it at the end of every run, tests between runs, ``atexit`` at the end of the process).
 """
@@ -16,20 +16,20 @@ from typing import TYPE_CHECKING
 from config import Settings
 from db_connector import Database
 
-if TYPE_CHECKING:  # server_client imports requests: loaded on first use, so --dry-run never pays for it
-    from server_client import ServerClient
+if TYPE_CHECKING:  # server_pool imports requests: loaded on first use, so --dry-run never pays for it
+    from server_pool import ModelServerPool
 
 logger = logging.getLogger(__name__)
 
 
 class SharedResources:
-    """A database pool and a model client for one settings value, replaced when the settings change."""
+    """A database pool and a model server pool for one settings value, replaced when the settings change."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._settings: Settings | None = None
         self._database: Database | None = None
-        self._client: ServerClient | None = None
+        self._servers: ModelServerPool | None = None
 
     def _use(self, settings: Settings) -> None:
         if self._settings != settings:
@@ -44,15 +44,15 @@ class SharedResources:
                 self._database = Database(settings)
             return self._database
 
-    def model_client(self, settings: Settings) -> ServerClient:
-        """The model server client for these settings (created on first use)."""
-        import server_client
+    def model_servers(self, settings: Settings) -> ModelServerPool:
+        """The pool of the configured model servers for these settings (created on first use)."""
+        import server_pool
 
         with self._lock:
             self._use(settings)
-            if self._client is None:
-                self._client = server_client.ServerClient(settings)
-            return self._client
+            if self._servers is None:
+                self._servers = server_pool.ModelServerPool(settings)
+            return self._servers
 
     def close(self) -> None:
         """Close the pooled connections and the HTTP session; the next use opens new ones."""
@@ -60,12 +60,12 @@ class SharedResources:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        database, client = self._database, self._client
-        self._settings = self._database = self._client = None
+        database, servers = self._database, self._servers
+        self._settings = self._database = self._servers = None
         if database is not None:
             database.close()
-        if client is not None:
-            client.close()
+        if servers is not None:
+            servers.close()
 
 
 _default = SharedResources()
@@ -76,13 +76,16 @@ def shared_database(settings: Settings) -> Database:
     return _default.database(settings)
 
 
-def shared_model_client(settings: Settings) -> ServerClient:
-    """The process-wide model client for ``settings``."""
-    return _default.model_client(settings)
+def shared_model_pool(settings: Settings) -> ModelServerPool:
+    """The process-wide pool of model servers for ``settings`` (one server is a pool of one)."""
+    return _default.model_servers(settings)
+
+
+shared_model_client = shared_model_pool  # the name before several servers; generate/stream are the same
 
 
 def close_resources() -> None:
-    """Close the pooled database connections and the HTTP session run_pipeline keeps."""
+    """Close the pooled database connections and the HTTP sessions run_pipeline keeps."""
     _default.close()
 
 

@@ -25,7 +25,7 @@ from db_connector import RowStream
 from errors import ModelAPIError
 from generation import GenerationStats
 from prompt_builder import PromptResult
-from resources import shared_database, shared_model_client
+from resources import shared_database, shared_model_pool
 
 logger = logging.getLogger(__name__)
 
@@ -197,14 +197,16 @@ def run_question(
     if dry_run:
         return run
 
-    client = shared_model_client(settings)
+    # Single-question mode: a request that may already be generating is never sent to a second
+    # server (the pool's default), so the partial answer is kept and nothing is generated twice.
+    client = shared_model_pool(settings)
     if progress:
         rows_text = "1 row" if prompt.rows_shown == 1 else f"{prompt.rows_shown:,} rows"
-        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display_url} ...")
+        progress(f"Sending {rows_text} ({prompt.char_count:,} chars) to {client.display} ...")
     try:
         generation = _ask(client, prompt.text, q, max_new_tokens, run, stream, on_text, waiting)
         response = generation.text
-        run.model_stats = generation.stats  # includes "server", the base URL that answered
+        run.model_stats = generation.stats  # includes "server", the base URL of the server that answered
     except ModelAPIError as exc:
         _keep_error_context(run, exc)
         _keep_known(run, client)
@@ -222,7 +224,7 @@ def run_question(
 def _ask(client: Any, prompt: str, q: Question, max_new_tokens: int, run: RunResult, stream: bool,
          on_text: Callable[[str], None] | None, waiting: Callable[[str], ContextManager[Any]] | None) -> Any:
     """Send the prompt; a streamed answer's pieces go to ``run.pieces`` and ``on_text`` as they arrive."""
-    wait = waiting(client.display_url) if waiting else nullcontext()
+    wait = waiting(client.display) if waiting else nullcontext()
     if not stream:
         with wait:
             return client.generate(prompt, q.system_prompt, max_new_tokens, q.temperature)
@@ -281,10 +283,16 @@ def _keep_error_context(run: RunResult, error: ModelAPIError) -> None:
         run.model_stats = error.stats
 
 
-def _keep_known(run: RunResult, client: Any) -> None:
-    """After an error or Ctrl-C before any stats: the protocol, model and server already known."""
-    if not run.model_stats:
-        run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
+def _keep_known(run: RunResult, pool: Any) -> None:
+    """After an error or Ctrl-C before any stats: the protocol, model and server already known.
+
+    With one server they are that server's; with several, the one that was asked is not known
+    here (an error that knows it carries its stats).
+    """
+    if run.model_stats or len(pool.clients) != 1:
+        return
+    client = pool.clients[0]
+    run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
 
 
 def run_pipeline(

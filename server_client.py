@@ -34,6 +34,7 @@ from http_bodies import DETAIL_CHARS, describe_body, error_detail, shorten
 from http_transport import HttpTransport, Reply, TransportOptions
 from model_protocols import PROTOCOLS, GenerationRequest, Probe, ProbeFn, Protocol, ServerInfo, detect_protocol
 from retry_policy import RetryPolicy
+from server_spec import ServerSpec, SpecProblem, checked_ca_bundle, parse_server
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def normalise_base_url(raw: str) -> str:
     return url
 
 
-def transport_options(settings: config.Settings) -> TransportOptions:
-    """The transport's options from the project's settings."""
+def transport_options(settings: config.Settings, ca_bundle: str | None = None) -> TransportOptions:
+    """The transport's options from the project's settings (``ca_bundle``: one server's own CA file)."""
     return TransportOptions(
         connect_timeout=settings.api_connect_timeout,
         read_timeout=settings.api_timeout,
@@ -58,7 +59,7 @@ def transport_options(settings: config.Settings) -> TransportOptions:
         api_key=settings.api_key,
         max_response_bytes=settings.api_max_response_bytes,
         stream_max_seconds=settings.api_stream_max_seconds,
-        ca_bundle=settings.api_ca_bundle,  # a server's own #ca=PATH replaces it (dataclasses.replace)
+        ca_bundle=ca_bundle or settings.api_ca_bundle,  # a server's own #ca=PATH wins over API_CA_BUNDLE
     )
 
 
@@ -67,29 +68,43 @@ class ServerClient:
 
     Args:
         settings: the project's settings (model name, timeouts, retry policy, limits).
-        base_url: the server's URL; default ``settings.api_base_url()`` (``API_BASE_URL`` or
-            ``http://{PC_IP}:{API_PORT}``; raises ConfigError when not configured). A trailing
-            ``/v1`` is fine.
+        base_url: the server: a URL (a trailing ``/v1`` is fine; ``#slots=...&model=...`` settings
+            after ``#`` are read, never sent) or a :class:`ServerSpec`; default the first configured
+            server (``settings.server_specs()``; raises ConfigError when not configured). A
+            server's ``#model=`` and ``#protocol=`` replace ``MODEL_NAME`` and ``API_PROTOCOL`` for it.
         transport: an :class:`HttpTransport` to use (default: one built from the settings).
         sleep, clock: passed to the default transport (tests inject them to skip real waits).
     """
 
-    def __init__(self, settings: config.Settings, base_url: str | None = None, *,
+    def __init__(self, settings: config.Settings, base_url: str | ServerSpec | None = None, *,
                  transport: HttpTransport | None = None, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.base_url = normalise_base_url(base_url or settings.api_base_url())
+        if isinstance(base_url, ServerSpec):
+            spec = base_url
+        elif base_url:
+            try:
+                spec = parse_server(base_url)
+            except SpecProblem as exc:
+                raise ConfigError(f"Cannot use the model server address: {exc}.",
+                                  hint="Fix: pass the server's base URL, such as http://192.168.0.10:8000.") from None
+        else:
+            spec = settings.server_specs()[0]
+        self.spec = spec
+        self.base_url = normalise_base_url(spec.url)
         # For stats and reports, which are data a caller may print or save: never a password.
         self.display_url = config.mask_url_password(self.base_url)
+        self.model_name = spec.model or settings.model_name
+        self.configured_protocol = spec.protocol or settings.api_protocol
         self._clock = clock
-        self.transport = transport or HttpTransport(self.base_url, transport_options(settings), sleep=sleep,
-                                                    clock=clock)
+        self.transport = transport or HttpTransport(
+            self.base_url, transport_options(settings, checked_ca_bundle(spec)), sleep=sleep, clock=clock)
         self._detect_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._protocol: Protocol | None = None
         self._model: str | None = None  # the model name to send, once checked against the server
-        if settings.api_protocol in PROTOCOLS:
-            self._protocol = self._make_protocol(settings.api_protocol, None)
+        if self.configured_protocol in PROTOCOLS:
+            self._protocol = self._make_protocol(self.configured_protocol, None)
 
     # --- state ---
 
@@ -110,15 +125,15 @@ class ServerClient:
 
     def _make_protocol(self, name: str, kind: str | None) -> Protocol:
         s = self.settings
-        info = ServerInfo(base_url=self.base_url, model_name=s.model_name, model_label=s.model_type,
-                          context_tokens=s.model_context_tokens, configured=s.api_protocol, kind=kind)
+        info = ServerInfo(base_url=self.base_url, model_name=self.model_name, model_label=s.model_type,
+                          context_tokens=s.model_context_tokens, configured=self.configured_protocol, kind=kind)
         return PROTOCOLS[name](info)
 
     def forget(self) -> None:
         """Forget the detected protocol and checked model (the server was replaced or restarted)."""
         with self._detect_lock, self._model_lock:
             self._model = None
-            if self.settings.api_protocol not in PROTOCOLS:
+            if self.configured_protocol not in PROTOCOLS:
                 self._protocol = None
 
     # --- probes and detection ---
@@ -201,32 +216,37 @@ class ServerClient:
         )
 
     def generate(self, prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
-                 temperature: float | None = None, *, json_schema: Mapping[str, Any] | None = None) -> Generation:
+                 temperature: float | None = None, *, json_schema: Mapping[str, Any] | None = None,
+                 attempts: int | None = None) -> Generation:
         """Send one prompt and wait for the whole answer.
 
+        ``attempts`` bounds the sends on a refused connection or a 429/503 (default
+        ``API_MAX_ATTEMPTS``; a pool passes 1 when another server can take the request at once).
         Raises ModelConnectionError, ModelTimeoutError, ModelNotLoadedError, InvalidPromptError,
         ModelServerError or BadResponseError (all ModelAPIError), or ConfigError.
         """
         request = self.request(prompt, system_prompt, max_new_tokens, temperature, json_schema)
         protocol = self._ready(request)
-        return self._generate(protocol, request, self._checked_model(protocol))
+        return self._generate(protocol, request, self._checked_model(protocol), attempts)
 
     def stream(self, prompt: str, system_prompt: str | None = None, max_new_tokens: int | None = None,
-               temperature: float | None = None, *, json_schema: Mapping[str, Any] | None = None) -> Generation:
+               temperature: float | None = None, *, json_schema: Mapping[str, Any] | None = None,
+               attempts: int | None = None) -> Generation:
         """Send one prompt; the Generation yields the answer's pieces as they arrive.
 
         The PC server has no streaming endpoint: its answer comes whole, as one piece. Errors
         while reading carry ``partial_text`` and ``stats``; close the Generation (or let it end)
-        to release the connection.
+        to release the connection. ``attempts``: as for :meth:`generate`.
         """
         request = self.request(prompt, system_prompt, max_new_tokens, temperature, json_schema)
         protocol = self._ready(request)
         model = self._checked_model(protocol)
         if not protocol.streams:
-            return self._generate(protocol, request, model)
+            return self._generate(protocol, request, model, attempts)
         path, body = protocol.build_request(request, model, stream=True)
         started = self._clock()
-        reply = self.transport.post(path, body, stream=True, give_up=self._give_up(protocol))
+        reply = self.transport.request("POST", path, body, stream=True, attempts=attempts,
+                                       give_up=self._give_up(protocol))
         try:
             self._raise_for_status(protocol, reply, model)
             stats = self._new_stats(protocol, model)
@@ -249,10 +269,11 @@ class ServerClient:
         protocol.check_request(request)
         return protocol
 
-    def _generate(self, protocol: Protocol, request: GenerationRequest, model: str) -> Generation:
+    def _generate(self, protocol: Protocol, request: GenerationRequest, model: str,
+                  attempts: int | None = None) -> Generation:
         path, body = protocol.build_request(request, model, stream=False)
         started = self._clock()
-        reply = self.transport.post(path, body, give_up=self._give_up(protocol))
+        reply = self.transport.request("POST", path, body, attempts=attempts, give_up=self._give_up(protocol))
         self._raise_for_status(protocol, reply, model)
         stats = self._new_stats(protocol, model)
         text = self._parse(protocol, reply, path, stats)
@@ -294,11 +315,23 @@ class ServerClient:
 
     # --- health ---
 
+    def probe(self, attempts: int = 1) -> HealthReport:
+        """Is the server ready to generate? GETs only (never a POST), ``attempts`` per GET.
+
+        Returns the report when the server answered like a model server (ready or not, and why).
+        Raises ModelConnectionError when it cannot be reached, BadResponseError when it does not
+        answer like a known model server, ConfigError for a setting that makes the check impossible.
+        """
+        get = self._prober(attempts, cache={})  # detection's probes are reused by the health check
+        report = self._detect(get).health(get)
+        report.server = self.display_url
+        report.server_kind = self.server_kind
+        return report
+
     def check_health(self) -> HealthReport:
         """Is the server up and its model ready? GETs only, one short attempt each; never raises."""
-        get = self._prober(1, cache={})  # detection's probes are reused by the health check
         try:
-            report = self._detect(get).health(get)
+            report = self.probe()
         except (ConfigError, ModelConnectionError) as exc:
             report = HealthReport(ok=False, reachable=False, detail=exc.message, fix=exc.hint)
         except PipelineError as exc:

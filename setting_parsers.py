@@ -13,6 +13,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tls import ca_bundle_problem
+from masking import mask_url_password
+from server_spec import SpecProblem, parse_server_list, split_servers
+
+
+class SettingProblem(ValueError):
+    """A value's problem told as a whole sentence with its fix (``{name}`` stands for the variable),
+    for problems that "NAME must be ..." cannot say well."""
+
+    def describe(self, name: str) -> str:
+        return str(self).replace("{name}", name)
 
 
 class Parser:
@@ -23,6 +33,14 @@ class Parser:
 
     def __call__(self, raw: str) -> Any:
         return raw.strip()
+
+    def urls(self, value: str) -> list[str]:
+        """The URLs in a value of a URL setting (one, unless the setting is a list)."""
+        return [value]
+
+    def mask(self, value: str) -> str:
+        """A URL setting's value with any password masked."""
+        return mask_url_password(value)
 
 
 class IntRange(Parser):
@@ -92,12 +110,23 @@ class Verbatim(Parser):
 
 
 class Host(Parser):
+    """A host name or IP address. ``port_setting`` names the setting a port written into it belongs in."""
+
     values = "host name or IP"
+
+    def __init__(self, port_setting: str | None = None) -> None:
+        self.port_setting = port_setting
 
     def __call__(self, raw: str) -> str:
         value = raw.strip()
         if not value or any(ch.isspace() for ch in value) or "/" in value:
             raise ValueError("a host name or IP address such as 192.168.0.10")
+        # "192.168.0.10:8000" or "[fe80::1]:8000"; a bare IPv6 address has several colons.
+        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+        if match and self.port_setting:
+            host, port = match.group(1) or match.group(3), match.group(2) or match.group(4)
+            raise SettingProblem(f"{{name}}={value} has a port in it: write {{name}}={host} and "
+                                 f"{self.port_setting}={port}")
         return value
 
 
@@ -115,6 +144,35 @@ class HttpUrl(Parser):
         except ValueError:
             raise ValueError("a URL with a port from 1 to 65535") from None
         return value
+
+
+class HttpUrlList(Parser):
+    """One or more model server URLs, comma-separated, each with optional ``#key=value`` settings
+    (:mod:`server_spec`). Kept as text; ``Settings.server_specs()`` gives the parsed servers."""
+
+    values = "http(s) URLs, comma-separated"
+    is_url = True
+
+    def __call__(self, raw: str) -> str:
+        items = split_servers(raw)
+        if len(items) == 1:
+            HttpUrl()(items[0].partition("#")[0])  # one malformed URL: the plain "must be a full URL"
+        try:
+            parse_server_list(raw)
+        except SpecProblem as exc:
+            raise SettingProblem("{name}: " + str(exc)) from None
+        return ",".join(_normalised(item) for item in items)
+
+    def urls(self, value: str) -> list[str]:
+        return [item.partition("#")[0] for item in split_servers(value)]
+
+    def mask(self, value: str) -> str:
+        return ",".join(mask_url_password(item) for item in split_servers(value))
+
+
+def _normalised(item: str) -> str:
+    url, sep, fragment = item.partition("#")
+    return url.strip().rstrip("/") + (sep + fragment.strip() if fragment.strip() else "")
 
 
 class PostgresUrl(Parser):

@@ -64,6 +64,18 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def prompt_text(body: Any) -> str:
+    """The user's prompt in a generation request of any protocol ("" when there is none)."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return ""
+
+
 class BlackholeServer:
     """A port whose connection attempts time out (a PC that is off, or a firewall dropping SYNs).
 
@@ -142,9 +154,24 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # else small writes wait ~40 ms for delayed ACKs
     server: _HTTPServer
     generating = False  # this request is a generation (the fault switches apply)
+    generation_ended = False  # counted out of ``in_progress`` already
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
+
+    status_sent = 0
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.status_sent = code
+        super().send_response(code, message)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._connection_opened(self.connection)
+
+    def finish(self) -> None:
+        self.server.fake._connection_closed(self.connection)
+        super().finish()
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -202,8 +229,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data[index : index + 1])
                 self.wfile.flush()
         else:
+            self.end_generation()
             self.wfile.write(data)
         self.wfile.flush()
+
+    def end_generation(self) -> None:
+        """The model's work on this request is over: its last bytes are about to go out. (Counted
+        here rather than after the write: the client may send its next request the moment the
+        answer has arrived, before this thread gets to run again.)"""
+        if self.generating and not self.generation_ended:
+            self.generation_ended = True
+            self.server.fake._generation_ended()
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self.send_bytes(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json", headers)
@@ -242,9 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.long_line and pieces_are_chunks:
             self._send_long_line(fake.long_line, chunked)
         sent = 0
-        for item in items:
-            if not item:
-                continue  # an empty chunk would end a chunked body
+        items = [item for item in items if item]  # an empty chunk would end a chunked body
+        for index, item in enumerate(items):
+            if index == len(items) - 1:
+                self.end_generation()
             is_piece = pieces_are_chunks and not isinstance(item, Meta)
             if pieces_are_chunks and fake.cut_after is not None and sent >= fake.cut_after and (is_piece or sent):
                 self.close_connection = True
@@ -302,6 +339,8 @@ class FakeServer:
         trickle: send a whole (non-streamed) answer one byte every ``trickle`` seconds: never
             silent for long, never done (a read timeout alone never fires).
         long_line: start a stream with that many bytes without a newline (not a line protocol).
+        gate: a ``threading.Event``: generations wait until it is set (the test decides when the
+            model "finishes"), after any ``delay``.
         drop: close the connection on a generation request without answering (a crash, or a
             proxy dropping it): the request may have reached the model.
         tls: a server-side ``ssl.SSLContext`` holding the certificate: serve HTTPS (``base_url``
@@ -311,7 +350,9 @@ class FakeServer:
     point ``HTTP_PROXY`` at it and reach any URL through loopback only.
 
     Inspection: ``requests`` (every request), ``count()``, ``generations`` (generation POSTs),
-    ``peak_generations`` (most generations in progress at once), ``disconnects``, ``pieces_sent``.
+    ``answered`` (the prompt of each generation answered with a 2xx in full), ``peak_generations`` (most
+    generations in progress at once), ``disconnects``, ``pieces_sent``. ``kill()`` dies like a
+    crashed process, dropping the connections in progress.
     """
 
     protocol = ""
@@ -342,6 +383,7 @@ class FakeServer:
         long_line: int | None = None,
         drop: bool = False,
         tls: ssl.SSLContext | None = None,
+        gate: threading.Event | None = None,
     ) -> None:
         self.answer = answer
         self.host = host
@@ -369,7 +411,10 @@ class FakeServer:
         self.long_line = long_line
         self.drop = drop
         self.tls = tls
+        self.gate = gate
         self.requests: list[RecordedRequest] = []
+        self.answered: list[str] = []  # the prompt of every generation answered in full
+        self._connections: set[socket.socket] = set()
         self.disconnects = 0
         self.pieces_sent = 0
         self.in_progress = 0
@@ -419,6 +464,30 @@ class FakeServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def kill(self) -> None:
+        """Die like a crashed process: stop listening and drop every open connection, answering nothing
+        more (generations in progress are abandoned; their clients see the connection close)."""
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+    def _connection_opened(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(connection)
+
+    def _connection_closed(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(connection)
 
     def __enter__(self) -> FakeServer:
         return self.start()
@@ -472,7 +541,7 @@ class FakeServer:
         if method != "POST" or path not in self.generate_paths:
             self.route(h, method, path, body, raw)
             return
-        h.generating = True
+        h.generating, h.generation_ended = True, False
         with self._lock:
             fail = self._failed < self.fail_first
             if fail:
@@ -487,14 +556,31 @@ class FakeServer:
                 self._send_failure(h)
             elif self.delay and self._stopping.wait(self.delay):
                 return
+            elif self.gate is not None and not self._wait_for_gate():
+                return
             elif self.malformed_json:
                 h.send_bytes(200, b'{"response": "\xeb\xb6\x84\xec\x84\x9d", "stats": {"generation_time": 2.',
                              "application/json")
-            else:
+            elif not self._stopping.is_set():
+                h.status_sent = 0
                 self.route(h, method, path, body, raw)
+                if 200 <= h.status_sent < 300:
+                    with self._lock:
+                        self.answered.append(prompt_text(body))
         finally:
-            with self._lock:
-                self.in_progress -= 1
+            h.end_generation()
+
+    def _generation_ended(self) -> None:
+        with self._lock:
+            self.in_progress -= 1
+
+    def _wait_for_gate(self) -> bool:
+        """Wait until the gate opens (True) or the server stops (False)."""
+        assert self.gate is not None
+        while not self.gate.wait(0.02):
+            if self._stopping.is_set():
+                return False
+        return not self._stopping.is_set()
 
     def _send_failure(self, h: _Handler) -> None:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}

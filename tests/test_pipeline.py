@@ -232,8 +232,9 @@ def test_check_passes_with_database_and_server(run):
     assert lines[0].startswith("[ OK ] settings")
     assert any(line.startswith("[ OK ] database: connected") and "PostgreSQL 15" in line for line in lines)
     assert any(line.startswith("[ OK ] read-only: sessions default to read-only") for line in lines)
-    assert "[ OK ] protocol: ollama (detected)" in lines
-    assert any(line.startswith("[ OK ] model: phi4") for line in lines)
+    # One line per server: reachable, protocol, model, how many generations at once, ready.
+    assert (f"[ OK ] model server: {srv.base_url}: ready; ollama (detected: Ollama 0.5.1); model phi4; 1 at a time "
+            "(default; set #slots=N if the server runs more)") in lines
     assert posts(srv) == []  # checking never starts a generation
 
 
@@ -258,6 +259,70 @@ def test_check_with_bad_settings(run):
     result = run("--check", env={"API_PORT": "abc"})
     assert result.returncode == 2
     assert "API_PORT must be an integer from 1 to 65535, got 'abc'" in result.stdout
+
+
+def test_check_shows_one_line_per_server_and_passes_while_one_is_usable(run):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with FakePCServer() as pc, FakeOpenAIServer(slots=4) as llama:
+        url = f"http://bob:Hunter2-Sentinel@127.0.0.1:{pc.port},{dead},{llama.base_url}#slots=2"
+        result = run("--check", env={"API_BASE_URL": url, "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 0, result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[") and " model server" in line]
+    assert lines == [
+        f"[ OK ] model server: http://bob:***@127.0.0.1:{pc.port}: ready; pc (detected: PC server); "
+        "model phi4-quantized; 1 at a time (the pc server runs one at a time)",
+        f"[WARN] model server: {dead}: unreachable: Cannot connect to the model server at {dead}/api/health: "
+        "connection refused: nothing is listening on that port.",
+        f"[ OK ] model server: {llama.base_url}: ready; openai (detected: llama.cpp); model phi4; 2 at a time "
+        "(#slots)",
+        "[ OK ] model servers: 2 of 3 ready; together they run 3 generations at once",
+    ]
+    assert "firewall" in result.stdout  # the dead server's fix
+    assert "Hunter2-Sentinel" not in result.stdout + result.stderr
+    assert posts(pc) == [] and posts(llama) == []
+
+
+def test_check_fails_only_when_no_server_is_usable(run):
+    first, second = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    with FakeOllamaServer(models=["llama3.2:latest"]) as no_model:
+        result = run("--check", env={"API_BASE_URL": f"{first},{no_model.base_url},{second}",
+                                     "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 5, result.stdout  # the first failure's code: unreachable
+    fails = [line for line in result.stdout.splitlines() if line.startswith("[FAIL] model server: ")]
+    assert len(fails) == 3 and first in fails[0] and no_model.base_url in fails[1] and second in fails[2]
+    assert "not ready: The model 'phi4' is not available" in fails[1] and "ollama pull phi4" in result.stdout
+    assert "[FAIL] model servers: none of the 3 is ready" in result.stdout
+
+
+def test_a_question_over_several_servers_names_the_one_that_answered(run):
+    with FakeOllamaServer(answer=ANSWER) as ollama, FakePCServer(answer=ANSWER) as pc:
+        result = run("--query", "SELECT 1", "--json", "--api-url", ollama.base_url, "--api-url",
+                     f"{pc.base_url}#slots=1")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["answer"] == ANSWER and doc["stats"]["server"] in (ollama.base_url, pc.base_url)
+    assert len(posts(ollama)) + len(posts(pc)) == 1
+
+
+def test_a_question_goes_to_another_server_when_the_first_refuses(run):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with FakeOllamaServer(answer=ANSWER) as ollama:
+        result = run("--query", "SELECT 1", "--api-url", f"{dead},{ollama.base_url}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ANSWER and f"ollama:phi4 at {ollama.base_url}" in result.stderr
+
+
+def test_address_mistakes_are_usage_errors_that_show_the_fix(run):
+    endpoint = run("--query", "SELECT 1", "--api-url", "http://127.0.0.1:8000/api/generate")
+    assert endpoint.returncode == 2
+    assert "is an endpoint (/api/generate), not the server's base URL: use http://127.0.0.1:8000" in endpoint.stderr
+    port = run("--query", "SELECT 1", env={"PC_IP": "127.0.0.1:8000"})
+    assert port.returncode == 2 and "write PC_IP=127.0.0.1 and API_PORT=8000" in port.stderr
+    fragment = run("--query", "SELECT 1", "--api-url", "http://127.0.0.1:8000#slots=many")
+    assert fragment.returncode == 2 and "slots must be a whole number" in fragment.stderr
+    assert "http://127.0.0.1:8000#slots=4" in fragment.stderr
+    ca = run("--query", "SELECT 1", "--api-url", "https://127.0.0.1:8443#ca=missing-ca.pem")
+    assert ca.returncode == 2 and "The CA bundle missing-ca.pem given for the model server" in ca.stderr
 
 
 # --- exit codes and messages ------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_check_over_https(run, pki):
     assert f"[ OK ] TLS: {srv.base_url}: its certificate must be signed by the system's CAs and {pki.bundle}" in good.stdout
     assert "[ OK ] model server" in good.stdout
     assert refused.returncode == 5
-    assert f"[FAIL] model server: {srv.base_url}: Cannot connect securely" in refused.stdout
+    assert f"[FAIL] model server: {srv.base_url}: unreachable: Cannot connect securely" in refused.stdout
     assert "Fix: set API_CA_BUNDLE" in refused.stdout
 
 
