@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 DEFAULT_ANSWER = "분석 결과: 매출이 지난달보다 12% 늘었습니다. Sales grew 12% month over month."
 HTML_502_PAGE = (
@@ -56,6 +56,18 @@ def free_port() -> int:
 def split_pieces(text: str) -> list[str]:
     """Token-like pieces: each word with the whitespace after it."""
     return re.findall(r"\S+\s*|\s+", text) or [text]
+
+
+def prompt_text(body: Any) -> str:
+    """The prompt of a generation request: ``prompt`` (pc), else the last message's content."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return ""
 
 
 def count_tokens(text: str) -> int:
@@ -292,6 +304,10 @@ class FakeServer:
         long_line: start a stream with that many bytes without a newline (not a line protocol).
         drop: close the connection on a generation request without answering (a crash, or a
             proxy dropping it): the request may have reached the model.
+        fail_when: answer with ``fail_status`` every generation whose prompt contains this text
+            (a server that fails specific rows), besides the first ``fail_first``.
+        answer_for: ``prompt -> answer text``, called per generation instead of ``answer``
+            (different answers for different rows; the prompt is the last message's content).
 
     Inspection: ``requests`` (every request), ``count()``, ``generations`` (generation POSTs),
     ``peak_generations`` (most generations in progress at once), ``disconnects``, ``pieces_sent``.
@@ -324,6 +340,8 @@ class FakeServer:
         trickle: float | None = None,
         long_line: int | None = None,
         drop: bool = False,
+        fail_when: str | None = None,
+        answer_for: Callable[[str], str] | None = None,
     ) -> None:
         self.answer = answer
         self.host = host
@@ -350,6 +368,8 @@ class FakeServer:
         self.trickle = trickle
         self.long_line = long_line
         self.drop = drop
+        self.fail_when = fail_when
+        self.answer_for = answer_for
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         self.pieces_sent = 0
@@ -458,6 +478,8 @@ class FakeServer:
             fail = self._failed < self.fail_first
             if fail:
                 self._failed += 1
+            if self.fail_when is not None and self.fail_when in prompt_text(body):
+                fail = True
             self.in_progress += 1
             self.peak_generations = max(self.peak_generations, self.in_progress)
         try:
@@ -495,9 +517,10 @@ class FakeServer:
     def route(self, h: _Handler, method: str, path: str, body: Any, raw: bytes) -> None:
         raise NotImplementedError
 
-    def pieces(self, limit: int | None = None) -> tuple[list[str], bool]:
-        """(pieces to send, truncated by the token limit?)."""
-        pieces = split_pieces(self.answer)
+    def pieces(self, limit: int | None = None, body: Any = None) -> tuple[list[str], bool]:
+        """(pieces to send, truncated by the token limit?); ``body``: the request, for ``answer_for``."""
+        answer = self.answer if self.answer_for is None else self.answer_for(prompt_text(body))
+        pieces = split_pieces(answer)
         if limit is not None and 0 <= limit < len(pieces):
             return pieces[:limit], True
         return pieces, False
