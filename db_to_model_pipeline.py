@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
 
 import config
-from batch_cli import run_per_row
 from cli_args import EPILOG, Command, build_parser, parse_arguments, prepare, setting_overrides
 from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command_logging, setup_logging
 from cli_output import MaskedStream, error_info, format_stats, json_document, write_atomically
@@ -120,7 +119,9 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         settings = config.load_settings(overrides)
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
-        if args.per_row:
+        if args.per_row:  # one model call per row: its own module, loaded only for it
+            from batch_cli import run_per_row
+
             return run_per_row(args, settings, console)
         command = prepare(args, settings, console.stdin, console.out.isatty())
         run = RunResult(command.question.query)
