@@ -231,7 +231,10 @@ def _announce(console: Any, total: int, skipped: int, planned: int, resume: Resu
                          + (f", {retried:,} failed before and sent again" if retried else "") + ".")
     if resume.copied_to_table:
         console.progress(f"Copied {resume.copied_to_table:,} rows done earlier from the file into the results table.")
-    console.progress(f"Sending {planned:,} rows ({concurrency} at a time; key: {key.describe()}) ...")
+    if planned:
+        console.progress(f"Sending {planned:,} rows ({concurrency} at a time; key: {key.describe()}) ...")
+    else:
+        console.progress(f"Nothing to send: all {total:,} rows are done.")
 
 
 def _report(summary: BatchSummary, skipped: int, files: list[str], console: Any) -> ExitCode:

@@ -21,10 +21,12 @@ table's current job: rows of the earlier job stay until this job replaces them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
+import sys
 import threading
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -256,3 +258,37 @@ class ResultsTable:
             if self._conn is not None and not self._conn.closed:
                 self._conn.close()
             self._conn = None
+
+
+def setup_sql(name: str, role: str) -> str:
+    """The SQL an owner runs once so that ``role`` may write the results tables ``name`` and
+    ``name_jobs``, and nothing else (identifiers checked, then quoted)."""
+    schema, table = parse_table_name(name)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+        raise UsageError(f"{role!r} is not a plain role name.", hint="Fix: use letters, digits and underscores.")
+    qualified = f'"{schema}"."{table}"' if schema else f'"{table}"'
+    jobs = f'"{schema}"."{table}_jobs"' if schema else f'"{table}_jobs"'
+    return "\n".join([
+        CREATE_RESULTS.format(table=qualified) + ";",
+        CREATE_JOBS.format(jobs=jobs) + ";",
+        f"GRANT USAGE ON SCHEMA \"{schema or 'public'}\" TO \"{role}\";",
+        f"GRANT SELECT, INSERT, UPDATE ON {qualified}, {jobs} TO \"{role}\";",
+    ]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python results_table.py NAME --role ROLE`` prints the SQL that sets up a results table."""
+    parser = argparse.ArgumentParser(prog="python results_table.py", description=main.__doc__)
+    parser.add_argument("name", help="the --results-table name, e.g. review_sentiment")
+    parser.add_argument("--role", default="pipeline_writer", help="the RESULTS_DATABASE_URL role (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        sys.stdout.write(setup_sql(args.name, args.role))
+    except UsageError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,3 +127,17 @@ def test_a_second_ctrl_c_stops_at_once_leaving_the_rows_in_flight_for_the_rerun(
     assert "Stopping: no new rows; waiting for the 3 row(s) in flight" in stderr
     assert f"Interrupted: 0 rows recorded, {ROWS} not done." in stderr and "Traceback" not in stderr
     assert complete_records(out) == [] and json.loads(out.read_text(encoding="utf-8"))["job"]
+
+
+def test_sigterm_stops_at_once_with_143_and_keeps_what_was_recorded(tmp_path, test_db_url):
+    out = tmp_path / "out.jsonl"
+    with FakeOllamaServer(answer="positive", delay=0.05) as srv:
+        proc = start(tmp_path, test_db_url, srv.base_url)
+        wait_for_rows(out, 20, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Terminated:" in stderr and "Rerun the same command to continue" in stderr and "Traceback" not in stderr
+    records = complete_records(out)
+    assert len(records) >= 20 and len({r["key"] for r in records}) == len(records)
+    assert out.read_text(encoding="utf-8").endswith("\n")
