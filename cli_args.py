@@ -142,7 +142,7 @@ def _per_row_options(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--results-table", metavar="NAME",
                    help="also upsert each result into this PostgreSQL table (RESULTS_DATABASE_URL)")
     r.add_argument("--restart", action="store_true",
-                   help="start over when --output or --results-table holds another job's results "
+                   help="start over, also when --output or --results-table holds another job's results "
                    "(the old file is kept aside)")
     r.add_argument("--retries", type=non_negative_int, default=2, metavar="N",
                    help="tries again per row after a timeout, dropped connection or HTTP 429/5xx (default 2)")

@@ -168,10 +168,16 @@ class ResultLedger:
         """The job line of an existing, non-empty results file (None: no file, or empty)."""
         if self.path is None or not self.path.exists() or self.path.stat().st_size == 0:
             return None
-        for _, record in read_results(self.path):
-            if "job" in record and "parts" in record:
-                return record
-            break
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "job" in record and "parts" in record:
+            return record
+        if not first.endswith("\n") and first.startswith("{"):
+            return None  # a run killed while writing its very first line
         raise UsageError(f"{self.path} exists but is not a per-row results file of this tool.",
                          hint="Fix: choose another --output, or pass --restart to set it aside and start over.")
 
@@ -208,10 +214,12 @@ class ResultLedger:
         if table_done:
             resume.sources.append(f"table {self.table.name}")  # type: ignore[union-attr]
         if self.path is not None:
-            header = self._header()
-            if header is not None and header.get("job") != self.job.fingerprint:
-                self._set_aside()
-                header = None
+            header = self._header() if not self.restart else None
+            if self.restart and self.path.exists() and self.path.stat().st_size:
+                self._set_aside()  # another job's results, or this job's to be redone: kept, not lost
+            elif header is not None and header.get("job") != self.job.fingerprint:
+                raise self._changed(f"--output {self.path} holds the results of a different job",
+                                    header.get("parts", {}), "or add --restart to start over")
             if header is not None:
                 self._load_file(resume, table_done)
             self._log = JsonlLog(self.path, fsync=False)

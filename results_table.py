@@ -191,7 +191,10 @@ class ResultsTable:
             )
 
     def open(self, job: Job, restart: bool) -> set[str]:
-        """Create the tables when missing, make ``job`` current, return the keys it has done (canonical)."""
+        """Create the tables when missing, make ``job`` current, return the keys it has done (canonical).
+
+        With ``restart`` nothing counts as done: every row is sent again and replaces its row.
+        """
         if not restart:
             self.check(job)
         # Only when missing: a role that may write the tables need not be allowed to create any.
@@ -207,7 +210,7 @@ class ResultsTable:
         self._upsert = sql.SQL("INSERT INTO {} ({}, updated_at) VALUES ({}, now()) ON CONFLICT (key) DO UPDATE "
                                "SET {}, updated_at = now()").format(
             self._table, columns, sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)), updates).as_string(conn)
-        return self._done_keys(job)
+        return set() if restart else self._done_keys(job)
 
     def _done_keys(self, job: Job) -> set[str]:
         """Keys whose row is ok for this job, read through a server-side cursor (any number of rows)."""

@@ -124,6 +124,9 @@ def test_a_file_that_is_not_ours_is_refused(tmp_path):
     path.write_text('{"hello": "world"}\n', encoding="utf-8")
     with pytest.raises(UsageError, match="not a per-row results file"):
         ResultLedger(JOB, output=str(path), stdout=io.StringIO()).check()
+    path.write_text("The answer of a single question.\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not a per-row results file"):
+        ResultLedger(JOB, output=str(path), stdout=io.StringIO()).check()
     path.write_text('{"job": "x", "parts": {}}\nnot json\n', encoding="utf-8")
     with pytest.raises(UsageError, match="line 2"):
         list(read_results(path))
@@ -164,3 +167,24 @@ def test_csv_of_composite_and_hashed_keys(tmp_path):
     assert export_csv(jsonl, tmp_path / "r.csv", RowKey(("order_id", "product_id")), []) == 1
     text = (tmp_path / "r.csv").read_text(encoding="utf-8-sig")
     assert text.splitlines() == ["order_id,product_id,status,answer,error", "1,2,ok,좋음,"]
+
+
+def test_restart_of_the_same_job_redoes_every_row_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    ledger, _ = open_ledger(path)
+    ledger.write(record(1))
+    ledger.close()
+    ledger, resume = open_ledger(path, restart=True)
+    ledger.close()
+    assert resume.done == set() and ledger.set_aside is not None
+    assert [r["key"] for _, r in read_results(ledger.set_aside) if "status" in r] == [1]
+    assert [r for _, r in read_results(path) if "status" in r] == []
+
+
+def test_a_run_killed_while_writing_its_first_line_starts_afresh(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"job": "' + JOB.fingerprint[:5], encoding="utf-8")
+    ledger, resume = open_ledger(path)
+    ledger.close()
+    assert resume.done == set()
+    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["job"] == JOB.fingerprint
