@@ -51,6 +51,7 @@ from errors import (
     PipelineError,
     Terminated,
 )
+from protocol_base import PC_LOAD_FAILED
 from result_ledger import row_record
 from retry_policy import backoff
 from structured_output import AnswerSchema
@@ -77,7 +78,9 @@ def classify(error: PipelineError) -> Failure:
     if isinstance(error, ModelConnectionError):
         return Failure.OUTAGE  # never reached any model
     if isinstance(error, ModelNotLoadedError):
-        return Failure.RETRY if error.status == 503 else Failure.FATAL  # loading vs not there at all
+        # 503 while loading: wait; not there at all, or the PC server's load failed: stop.
+        loading = error.status == 503 and not (error.detail or "").startswith(PC_LOAD_FAILED)
+        return Failure.RETRY if loading else Failure.FATAL
     if isinstance(error, ModelTimeoutError | BadResponseError):
         return Failure.RETRY
     if isinstance(error, ModelServerError):
@@ -330,6 +333,8 @@ class BatchRunner:
                     self._finished(*outcome)
             except PipelineError as exc:  # the record could not be written (file, table)
                 self._stop(f"results could not be recorded: {exc.message}", exc.exit_code, exc)
+            except OSError as exc:  # a full disk, stdout closed by the reader (| head)
+                self._stop(f"results could not be written: {exc.strerror or exc}", ExitCode.INTERNAL, None)
             except Exception as exc:  # noqa: BLE001 - a bug: stop cleanly rather than lose the thread
                 logger.exception("Internal error while processing row %r", task.key)
                 self._stop(f"internal error: {type(exc).__name__}: {exc}", 1, None)

@@ -15,6 +15,7 @@ compared between runs, so a key read back from a results file matches the row it
 from __future__ import annotations
 
 import json
+import logging
 import math
 from array import array
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from errors import UsageError
 from row_spool import row_fingerprint
 from value_format import plain_text
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_KEY_COLUMN = "id"
 _BUCKETS = 64

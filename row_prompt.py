@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from errors import PromptError
 from prompt_template import Slot, Template, parse_template
 from value_format import ELLIPSIS, encodable, plain_text, row_layout
+
+logger = logging.getLogger(__name__)
 
 #: The placeholders of a per-row template.
 PLACEHOLDERS = ("row", "query", "columns", "context", "row_count", "schema")

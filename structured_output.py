@@ -17,11 +17,14 @@ in it is a usage error before any query runs. Each answer is then:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 from errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
 #: Longest excerpt of a wrong answer quoted back to the model in the repair prompt.

@@ -212,6 +212,7 @@ def test_a_prompt_longer_than_the_window_is_not_sent():
     (ModelServerError("teapot", status=418), Failure.ROW),
     (ModelNotLoadedError("loading", status=503), Failure.RETRY),
     (ModelNotLoadedError("not pulled", status=404), Failure.FATAL),
+    (ModelNotLoadedError("load failed", status=503, detail="모델을 로드할 수 없습니다: CUDA out of memory"), Failure.FATAL),
     (BadResponseError("html"), Failure.RETRY),
     (InvalidPromptError("too long", status=400), Failure.ROW),
     (ConfigError("no PC_IP"), Failure.FATAL),
