@@ -320,3 +320,31 @@ def test_results_table_needs_its_own_setting_and_a_plain_name(run):
     bad = run("--per-row", "--query", REVIEWS, "--template", "{row}", "--results-table", "r; DROP TABLE x",
               "--dry-run", env={"RESULTS_DATABASE_URL": "postgresql://u@localhost/db"})
     assert bad.returncode == 2 and "is not a plain table name" in bad.stderr
+
+
+def test_the_tables_are_created_when_missing_and_the_role_may_create_them(run, test_db_url, admin_conn):
+    with FakePCServer(answer="요약") as srv:
+        result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--results-table", "created_here",
+                     env={"API_BASE_URL": srv.base_url, "RESULTS_DATABASE_URL": test_db_url})
+    try:
+        assert result.returncode == 0, result.stderr
+        with admin_conn.cursor() as cur:
+            cur.execute("SELECT count(*), min(answer), max(status) FROM created_here")
+            assert cur.fetchone() == (20, "요약", "ok")
+            cur.execute("SELECT count(*) FROM created_here_jobs")
+            assert cur.fetchone() == (1,)
+    finally:
+        with admin_conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS created_here, created_here_jobs")
+
+
+def test_dry_run_after_a_partial_run_counts_what_is_left_and_times_it_from_earlier_answers(run, tmp_path):
+    args = ["--per-row", "--query", REVIEWS, "--template", "#{row.id}# {row.body}", "--output", "out.jsonl"]
+    with FakeOllamaServer(fail_when="#3#", fail_status=400) as srv:
+        assert run(*args, env={"API_BASE_URL": srv.base_url}).returncode == 7
+        dry = run(*args, "--dry-run", env={"API_BASE_URL": srv.base_url})
+    assert dry.returncode == 0, dry.stderr
+    assert "Dry run: 20 rows (key: id), 19 already done in out.jsonl, 1 to send" in dry.stderr
+    assert "this job's earlier answers took" in dry.stderr
+    assert dry.stdout.startswith("--- row 3 of 20 (id=3) ---\n#3#")
+    assert len(posts(srv)) == 20

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO_ROOT
 from fake_ollama_server import FakeOllamaServer
