@@ -44,10 +44,14 @@ template placeholders: {data} {context} {row_count} {columns} {query}
   other braces (JSON examples) stay as written; {{data}} writes a literal {data}
 parameters: --param city=서울 binds %%(city)s in the SQL (values are never pasted into the SQL)
 
+one model call per row (--per-row): the template gets {row} (the whole row) and {row.COLUMN};
+  results are JSON Lines (stdout, or --output FILE.jsonl); rerunning the same command continues
+  %(prog)s --per-row --query "SELECT id, body FROM reviews" --template "Sentiment of: {row.body}" --output s.jsonl
+
 exit codes:
   0 success            3 database connection error    6 model server error or bad response
-  1 internal error     4 query error or refused write 130 interrupted (Ctrl-C)
-  2 usage/config error 5 model server unreachable or timed out   143 terminated (SIGTERM)
+  1 internal error     4 query error or refused write 7 --per-row finished, some rows failed (rerun retries them)
+  2 usage/config error 5 model server unreachable or timed out   130 interrupted (Ctrl-C)   143 terminated (SIGTERM)
 """
 
 # Flags that set a setting, by the variable they override (flags beat the environment and .env).
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(parser.add_argument_group("model server (override .env)"))
     _output_options(parser.add_argument_group("output and modes"))
     _all_rows_options(parser.add_argument_group("every row: one question answered over all rows (map-reduce)"))
+    _per_row_options(parser.add_argument_group("one model call per row"))
     return parser
 
 
@@ -91,7 +96,7 @@ def _query_options(q: argparse._ArgumentGroup) -> None:
                    help="bind a value to %%(NAME)s in the SQL (repeatable)")
     q.add_argument("--max-rows", type=positive_int, metavar="N",
                    help=f"read at most N rows from the database (default {DEFAULT_FETCH_ROWS:,}; "
-                   "no limit with --all-rows)")
+                   "no default limit with --all-rows or --per-row)")
 
 
 def _prompt_options(p: argparse._ArgumentGroup) -> None:
@@ -110,8 +115,8 @@ def _prompt_options(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--prompt-budget", type=positive_int, metavar="TOKENS",
                    help="bound the prompt's estimated tokens (default: MODEL_CONTEXT_TOKENS - MAX_NEW_TOKENS - margin)")
     p.add_argument("--prompt-max-chars", type=positive_int, metavar="N", help="bound the prompt's characters")
-    p.add_argument("--max-cell-chars", type=positive_int, default=prompt_builder.DEFAULT_MAX_CELL_CHARS,
-                   metavar="N", help=f"shorten longer values (default {prompt_builder.DEFAULT_MAX_CELL_CHARS})")
+    p.add_argument("--max-cell-chars", type=positive_int, metavar="N",
+                   help=f"shorten longer values (default {prompt_builder.DEFAULT_MAX_CELL_CHARS}; --per-row: none)")
 
 
 def _model_options(m: argparse._ArgumentGroup) -> None:
@@ -157,6 +162,57 @@ def _all_rows_options(a: argparse._ArgumentGroup) -> None:
     reduce.add_argument("--reduce-template-file", metavar="FILE", help="read the reduce template from a UTF-8 file")
     a.add_argument("--max-reduce-levels", type=positive_int, metavar="N",
                    help="stop when the partial answers still do not fit one prompt after N levels of combining (default 4)")
+
+
+def _per_row_options(r: argparse._ArgumentGroup) -> None:
+    r.add_argument("--per-row", action="store_true",
+                   help="run the template once for every row the query returns ({row}, {row.COLUMN}); "
+                   "results as JSON Lines, resumable")
+    r.add_argument("--key", metavar="COLUMN[,COLUMN...]",
+                   help="each row's identity, for resuming (default: the column id, else a hash of the row)")
+    r.add_argument("--concurrency", type=positive_int, metavar="N",
+                   help="rows sent at once (default: what the model servers can run at once)")
+    r.add_argument("--schema", metavar="FILE.json",
+                   help="a JSON Schema each answer must match (asked natively, validated, one repair)")
+    r.add_argument("--results-table", metavar="NAME",
+                   help="also upsert each result into this PostgreSQL table (RESULTS_DATABASE_URL)")
+    r.add_argument("--restart", action="store_true",
+                   help="start over, also when --output or --results-table holds another job's results "
+                   "(the old file is kept aside)")
+    r.add_argument("--retries", type=non_negative_int, default=2, metavar="N",
+                   help="tries again per row after a timeout, dropped connection or HTTP 429/5xx (default 2)")
+
+
+PER_ROW_ONLY = ("key", "schema", "results_table", "restart")
+
+
+def check_mode_flags(args: argparse.Namespace) -> None:
+    """Raise UsageError for flags that belong to another mode than the one chosen."""
+    if getattr(args, "per_row", False):
+        if getattr(args, "all_rows", False):
+            raise UsageError("--per-row and --all-rows do not go together.",
+                             hint="Fix: --per-row asks the template once for every row (one answer each); "
+                             "--all-rows asks one question over all rows (one answer). Choose one.")
+        for flag, wrong in (("--json", args.json), ("--prompt-rows", args.prompt_rows is not None)):
+            if wrong:
+                raise UsageError(f"{flag} does not apply to --per-row.",
+                                 hint="--per-row writes one JSON object per row already (JSON Lines); "
+                                 "drop " + flag + ".")
+        return
+    for name in PER_ROW_ONLY:
+        if getattr(args, name, None):
+            raise UsageError(f"--{name.replace('_', '-')} applies only to --per-row.",
+                             hint="Fix: add --per-row to run the template once for every row, or drop the flag.")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -205,6 +261,8 @@ class Command:
 
 def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_is_terminal: bool) -> Command:
     """Read the inputs the flags name and check them; raises UsageError, QueryError, PromptError, ConfigError."""
+    check_mode_flags(args)
+    per_row = getattr(args, "per_row", False)
     query = _resolve_query(args, stdin)
     params = _parse_params(args.param)
     template = _read_text_file(args.template_file, "template") if args.template_file else args.template
@@ -215,16 +273,17 @@ def prepare(args: argparse.Namespace, settings: Settings, stdin: TextIO, stdout_
         check_output_path(args.output)  # not after a long generation
     check_read_only_query(query)  # a refused write fails before anything else runs
     check_params(query, params)  # a %(name)s without its --param fails before the query runs
-    if template is not None:
+    if template is not None and not per_row:  # a per-row template has its own placeholders
         prompt_builder.check_template(template)  # a typo fails before the query runs
     if not args.dry_run:
         for spec in settings.server_specs():  # an unconfigured PC_IP fails before the query runs,
             checked_ca_bundle(spec)  # and so does a missing #ca= file
     question = Question(
         query, template, context, params=params, system_prompt=system_prompt, data_format=args.format,
-        fetch_rows=DEFAULT_FETCH_ROWS if args.max_rows is None else args.max_rows, prompt_rows=args.prompt_rows,
-        prompt_tokens=args.prompt_budget,
-        prompt_chars=args.prompt_max_chars, max_cell_chars=args.max_cell_chars,
+        fetch_rows=args.max_rows if args.max_rows is not None or per_row else DEFAULT_FETCH_ROWS,
+        prompt_rows=args.prompt_rows, prompt_tokens=args.prompt_budget, prompt_chars=args.prompt_max_chars,
+        max_cell_chars=(args.max_cell_chars if args.max_cell_chars is not None or per_row
+                        else prompt_builder.DEFAULT_MAX_CELL_CHARS),
     )
     # With --json the pieces are collected, not printed: stdout carries one JSON object, and an
     # interrupted --json --stream run still reports what had arrived.

@@ -154,6 +154,9 @@ class Settings:
     database_url: str | None = setting(
         "DATABASE_URL", None, PostgresUrl(), "`postgresql://user:password@host:port/db`; overrides the `DB_*` values",
         secret=True)
+    results_database_url: str | None = setting(
+        "RESULTS_DATABASE_URL", None, PostgresUrl(), "where `--results-table` writes (the only connection that "
+        "may write; use a role that may write only that table)", secret=True)
     db_connect_timeout: int = setting(
         "DB_CONNECT_TIMEOUT", "5", IntRange(1, 600), "seconds per connection attempt")
     db_connect_retries: int = setting(

@@ -123,6 +123,10 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
         logger.info("Settings from %s", describe_env_file(settings.env_file, settings.sources))
+        if args.per_row:  # one model call per row: its own module, loaded only for it
+            from batch_cli import run_per_row
+
+            return run_per_row(args, settings, console)
         command = prepare(args, settings, console.stdin, console.out.isatty())
         if mr_cli.wanted(args):  # one question over every row, in several calls: reported by mr_cli
             return mr_cli.run_and_report(args, command, console)

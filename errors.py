@@ -32,6 +32,7 @@ class ExitCode(IntEnum):
     QUERY = 4  # including a refused write
     MODEL_UNREACHABLE = 5  # connection failed or timed out
     MODEL_ERROR = 6  # the server's own error or a bad response
+    ROWS_FAILED = 7  # --per-row finished, but some rows failed (rerunning the same command retries them)
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
 
@@ -101,6 +102,12 @@ class ReadOnlyViolation(QueryError):
     """The query tried to write, or to change session state; it was refused."""
 
     code = "READ_ONLY_VIOLATION"
+
+
+class JobChanged(UsageError):
+    """A rerun's job (query, template, model ...) differs from the one whose results it would continue."""
+
+    code = "JOB_CHANGED"
 
 
 class PromptError(PipelineError):

@@ -439,8 +439,7 @@ class HttpTransport:
         connect_retries = attempts - 1
         self._attempt_starts()
         try:
-            response = self._session(connect_retries).request(
-                method, url, data=data, headers=headers, timeout=timeouts, stream=True)
+            response = self._request(self._session(connect_retries), method, url, data, headers, timeouts)
         except requests.exceptions.SSLError as exc:  # the handshake failed: nothing was sent
             raise tls.tls_error(url, tls_cause(exc), self.options.ca_bundle) from exc
         except requests.ConnectionError as exc:
@@ -465,6 +464,25 @@ class HttpTransport:
         setting = ("API_HEALTH_TIMEOUT", timeouts[1]) if health else ("API_TIMEOUT", timeouts[1])
         return Reply(response, url=url, attempts=attempt, deadline=deadline, options=self.options,
                      clock=self._clock, timeout_setting=setting)
+
+    @staticmethod
+    def _request(session: requests.Session, method: str, url: str, data: bytes | None, headers: dict[str, str],
+                 timeouts: tuple[float, float]) -> requests.Response:
+        """``session.request(...)`` without re-preparing the same request (~0.2 ms of CPU each): the
+        prepared request per method, URL and headers is kept on the session and copied with the
+        body. Only while that is the same thing: ``trust_env`` off (the default) and no cookies."""
+        if session.trust_env or session.cookies:
+            return session.request(method, url, data=data, headers=headers, timeout=timeouts, stream=True)
+        cache: dict[tuple[Any, ...], requests.PreparedRequest] = session.__dict__.setdefault("_pipeline_prepared", {})
+        key = (method, url, tuple(headers.items()))
+        template = cache.get(key)
+        if template is None:
+            template = cache[key] = session.prepare_request(requests.Request(method, url, headers=headers))
+        prepared = template.copy()
+        if data is not None:
+            prepared.body = data
+            prepared.headers["Content-Length"] = str(len(data))
+        return session.send(prepared, timeout=timeouts, stream=True, allow_redirects=True)
 
     def _status_wait(self, reply: Reply, attempt: int, attempts: int, gateway_retries: int,
                      retry_statuses: frozenset[int], give_up: Callable[[Reply], bool] | None) -> tuple[float, str] | None:

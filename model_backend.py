@@ -37,6 +37,8 @@ class PoolBackend:
                 self._reports = self.pool.check_health()
             return self._reports
 
+    check_health = health
+
     @property
     def capacity(self) -> int:
         """Requests the ready servers run at once in all (at least 1)."""

@@ -93,12 +93,12 @@ class _PromptAware:
             _current.prompt = prompt
         super()._handle(h, method, path, body, raw)  # type: ignore[misc]
 
-    def pieces(self, limit: int | None = None) -> tuple[list[str], bool]:
+    def pieces(self, limit: int | None = None, body: Any = None) -> tuple[list[str], bool]:
         prompt = getattr(_current, "prompt", None)
         if self.echo and prompt is not None and is_reduce(prompt):
             return split_pieces(prompt + "\n" + prompt), False  # longer than its input, whatever the limit
         if self.reply is None or prompt is None:
-            return super().pieces(limit)  # type: ignore[misc]
+            return super().pieces(limit, body)  # type: ignore[misc]
         pieces = split_pieces(self.reply(prompt))
         if limit is not None and 0 <= limit < len(pieces):
             return pieces[:limit], True

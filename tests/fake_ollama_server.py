@@ -70,7 +70,7 @@ class FakeOllamaServer(FakeServer):
             return
         messages = body.get("messages") or []
         options = body.get("options") or {}
-        pieces, truncated = self.pieces(options.get("num_predict"))
+        pieces, truncated = self.pieces(options.get("num_predict"), body)
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) + 6
         final = {
             "model": model, "created_at": "2025-06-01T10:00:00.000000Z",

@@ -105,7 +105,7 @@ class FakeOpenAIServer(FakeServer):
                                         "param": None, "code": 404}})
             return
         served = model if self.strict_model else (self.models[0] if self.models else model)
-        pieces, truncated = self.pieces(body.get("max_tokens"))
+        pieces, truncated = self.pieces(body.get("max_tokens"), body)
         finish = "length" if truncated else "stop"
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict)) + 6
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),

@@ -87,7 +87,7 @@ class FakePCServer(FakeServer):
             h.send_json(500, {"detail": "모델 실행 중 오류 발생: `temperature` (=0.0) has to be a strictly "
                                         "positive float, otherwise your next token scores will be invalid."})
             return
-        pieces, _ = self.pieces(body.get("max_new_tokens", 512))
+        pieces, _ = self.pieces(body.get("max_new_tokens", 512), body)
         text = "".join(pieces).strip()
         system = body.get("system_prompt")
         full_prompt = f"{system}\n\n{body['prompt']}" if system else body["prompt"]

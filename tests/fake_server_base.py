@@ -27,7 +27,7 @@ import threading
 import time
 from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 from urllib.parse import urlsplit
 
 DEFAULT_ANSWER = "분석 결과: 매출이 지난달보다 12% 늘었습니다. Sales grew 12% month over month."
@@ -58,6 +58,18 @@ def free_port() -> int:
 def split_pieces(text: str) -> list[str]:
     """Token-like pieces: each word with the whitespace after it."""
     return re.findall(r"\S+\s*|\s+", text) or [text]
+
+
+def prompt_text(body: Any) -> str:
+    """The prompt of a generation request: ``prompt`` (pc), else the last message's content."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return str(messages[-1].get("content", ""))
+    return ""
 
 
 def count_tokens(text: str) -> int:
@@ -348,6 +360,10 @@ class FakeServer:
 
     The server also answers requests in absolute form (``GET http://host/path``), so a test can
     point ``HTTP_PROXY`` at it and reach any URL through loopback only.
+        fail_when: answer with ``fail_status`` every generation whose prompt contains this text
+            (a server that fails specific rows), besides the first ``fail_first``.
+        answer_for: ``prompt -> answer text``, called per generation instead of ``answer``
+            (different answers for different rows; the prompt is the last message's content).
 
     Inspection: ``requests`` (every request), ``count()``, ``generations`` (generation POSTs),
     ``answered`` (the prompt of each generation answered with a 2xx in full), ``peak_generations`` (most
@@ -384,6 +400,8 @@ class FakeServer:
         drop: bool = False,
         tls: ssl.SSLContext | None = None,
         gate: threading.Event | None = None,
+        fail_when: str | None = None,
+        answer_for: Callable[[str], str] | None = None,
     ) -> None:
         self.answer = answer
         self.host = host
@@ -412,6 +430,8 @@ class FakeServer:
         self.drop = drop
         self.tls = tls
         self.gate = gate
+        self.fail_when = fail_when
+        self.answer_for = answer_for
         self.requests: list[RecordedRequest] = []
         self.answered: list[str] = []  # the prompt of every generation answered in full
         self._connections: set[socket.socket] = set()
@@ -546,6 +566,8 @@ class FakeServer:
             fail = self._failed < self.fail_first
             if fail:
                 self._failed += 1
+            if self.fail_when is not None and self.fail_when in prompt_text(body):
+                fail = True
             self.in_progress += 1
             self.peak_generations = max(self.peak_generations, self.in_progress)
         try:
@@ -600,9 +622,10 @@ class FakeServer:
     def route(self, h: _Handler, method: str, path: str, body: Any, raw: bytes) -> None:
         raise NotImplementedError
 
-    def pieces(self, limit: int | None = None) -> tuple[list[str], bool]:
-        """(pieces to send, truncated by the token limit?)."""
-        pieces = split_pieces(self.answer)
+    def pieces(self, limit: int | None = None, body: Any = None) -> tuple[list[str], bool]:
+        """(pieces to send, truncated by the token limit?); ``body``: the request, for ``answer_for``."""
+        answer = self.answer if self.answer_for is None else self.answer_for(prompt_text(body))
+        pieces = split_pieces(answer)
         if limit is not None and 0 <= limit < len(pieces):
             return pieces[:limit], True
         return pieces, False

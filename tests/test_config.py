@@ -246,7 +246,7 @@ def test_every_declaration_is_complete_and_its_default_parses():
         assert var.doc and var.field and "|" not in var.name
         expected = None if var.default is None else var.parse(var.default)
         assert getattr(defaults, var.field) == expected
-    assert config.SECRET_NAMES == {"API_KEY", "DB_PASSWORD", "DATABASE_URL"}
+    assert config.SECRET_NAMES == {"API_KEY", "DB_PASSWORD", "DATABASE_URL", "RESULTS_DATABASE_URL"}
 
 
 def test_reset_settings_forgets_the_process_wide_settings(tmp_path, monkeypatch):

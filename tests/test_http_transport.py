@@ -425,3 +425,44 @@ def test_a_closed_transport_opens_new_sessions_on_use():
 
 def test_split_pieces_matches_what_the_fakes_send():
     assert "".join(split_pieces(DEFAULT_ANSWER)) == DEFAULT_ANSWER
+
+
+# --- the prepared-request shortcut --------------------------------------------------------
+
+
+def test_repeated_posts_carry_their_own_bodies_and_any_cookie_the_server_set():
+    """The prepared request is reused per method and URL; bodies and lengths are each call's own,
+    and once the server sets a cookie (a load balancer's sticky session) it is sent back."""
+    import http.server
+    import json as json_module
+
+    seen: list[tuple[bytes, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            seen.append((self.rfile.read(int(self.headers["Content-Length"])), self.headers.get("Cookie")))
+            body = b"{}"
+            self.send_response(200)
+            if len(seen) == 2:
+                self.send_header("Set-Cookie", "route=pc2; Path=/")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with HttpTransport(f"http://127.0.0.1:{server.server_address[1]}") as transport:
+            for text in ("한", "two", "three three"):
+                assert transport.post("/api/generate", {"prompt": text}).status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [json_module.loads(body)["prompt"] for body, _ in seen] == ["한", "two", "three three"]
+    assert [cookie for _, cookie in seen] == [None, None, "route=pc2"]
