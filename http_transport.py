@@ -1,4 +1,4 @@
-"""HTTP to one model server: the only module that imports ``requests`` and ``urllib3``.
+"""HTTP to one model server: with :mod:`http_reply`, the only modules that import ``requests`` and ``urllib3``.
 
 * **One ``requests.Session`` per thread** (sessions are not safe to share), so one transport
   serves many worker threads at once. ``trust_env`` is off unless ``API_USE_ENV_PROXY``:
@@ -32,20 +32,20 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import requests
-import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
-from urllib3.util.ssl_match_hostname import CertificateError
 
 import link_safety
 import tls
 import transport_errors
-from errors import ModelAPIError, ModelConnectionError, ModelTimeoutError
-from http_bodies import MAX_LINE_BYTES, LineSplitter, decode, shorten
+from errors import ModelConnectionError, ModelTimeoutError
+from http_bodies import decode, shorten
+from http_reply import Reply, connect_phase, connect_reason, read_timed_out, tls_cause  # noqa: F401
 from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, backoff
+
 # Re-exported: callers import these from here.
 from transport_errors import timeout_error  # noqa: F401
 from transport_options import DEFAULT_MAX_RESPONSE_BYTES, TransportOptions  # noqa: F401
@@ -112,180 +112,6 @@ class _TrustAdapter(HTTPAdapter):
             # The context already holds every CA to trust; left set, certifi's file would be
             # loaded into it again for every new connection.
             conn.ca_certs = conn.ca_cert_dir = None
-
-
-def _causes(exc: BaseException | None) -> Iterator[BaseException]:
-    """The exception and what it wraps (requests and urllib3 nest the socket error a few levels deep)."""
-    for _ in range(8):
-        if exc is None:
-            return
-        yield exc
-        if isinstance(exc, urllib3.exceptions.MaxRetryError):
-            exc = exc.reason
-        elif exc.args and isinstance(exc.args[0], BaseException):
-            exc = exc.args[0]
-        else:
-            exc = exc.__cause__ or exc.__context__
-
-
-def connect_phase(exc: BaseException | None) -> bool:
-    """True when the request never left: refused, DNS failure, connect timeout, proxy refused."""
-    kinds = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-             urllib3.exceptions.ProxyError, ConnectionRefusedError)
-    return any(isinstance(seen, kinds) for seen in _causes(exc))
-
-
-def read_timed_out(exc: BaseException) -> bool:
-    """A read timeout, also when it is reported as ConnectionError("Read timed out")."""
-    kinds = (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)
-    return any(isinstance(seen, kinds) for seen in _causes(exc))
-
-
-def tls_cause(exc: BaseException) -> BaseException:
-    """The ``ssl`` error (or urllib3's host name mismatch) inside a requests SSLError."""
-    kinds = (ssl.SSLError, CertificateError)
-    return next((seen for seen in _causes(exc) if isinstance(seen, kinds)), exc)
-
-
-def connect_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)):
-        return "the proxy from the environment (HTTP_PROXY/HTTPS_PROXY) failed"
-    if isinstance(exc, requests.ConnectTimeout) or (
-        isinstance(exc, urllib3.exceptions.ConnectTimeoutError)
-        and not isinstance(exc, urllib3.exceptions.NewConnectionError)
-    ):
-        return "no answer to the connection attempt"
-    if "Name or service not known" in text or "NameResolution" in text or "getaddrinfo" in text:
-        return "the host name could not be resolved"
-    if "refused" in text.lower():
-        return "connection refused: nothing is listening on that port"
-    return shorten(text, 160)
-
-
-class Reply:
-    """A response from the server: status and headers at once, the body read on demand.
-
-    Non-streamed requests and error statuses come back with the body already read (``body``);
-    a streamed 2xx answer is read with :meth:`lines` (or :meth:`read`, for a server that
-    answered JSON instead of a stream) and must be closed.
-    """
-
-    def __init__(self, response: requests.Response, *, url: str, attempts: int, deadline: float | None,
-                 options: TransportOptions, clock: Clock, timeout_setting: tuple[str, float]) -> None:
-        self._response = response
-        self.url = url
-        self.status: int = response.status_code
-        self.reason: str = response.reason or ""
-        self.headers: Mapping[str, str] = response.headers
-        self.attempts = attempts  # sends it took, retries on status included
-        self.body: bytes | None = None
-        self._deadline = deadline
-        self._options = options
-        self._clock = clock
-        self._timeout_setting = timeout_setting
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("Content-Type", "")
-
-    def text(self) -> str:
-        """The body decoded as UTF-8 (read first if needed)."""
-        return decode(self.read())
-
-    def json(self) -> Any:
-        """The body parsed as JSON, or None when it is empty or not JSON."""
-        text = self.text()
-        try:
-            return json.loads(text) if text.strip() else None
-        except ValueError:
-            return None
-
-    def close(self) -> None:
-        self._response.close()
-
-    def _chunks(self, size: int) -> Iterator[bytes]:
-        """The body's bytes as they arrive. A chunked body comes chunk by chunk; any other body
-        (no length, ended by closing the connection) through ``read1``, which returns what has
-        arrived instead of waiting for a full block."""
-        raw = self._response.raw
-        if raw.chunked and raw.supports_chunked_reads():
-            yield from raw.read_chunked(size, decode_content=True)
-            return
-        while True:
-            data = raw.read1(size, decode_content=True)
-            if not data:
-                return
-            yield data
-
-    def read(self) -> bytes:
-        """The whole body, within the deadline and ``API_MAX_RESPONSE_BYTES``."""
-        if self.body is not None:
-            return self.body
-        limit = self._options.max_response_bytes
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > limit:
-            self.close()
-            raise self._too_big(f"announced {int(length):,} bytes")
-        parts: list[bytes] = []
-        size = 0
-        try:
-            for chunk in self._chunks(65536):
-                size += len(chunk)
-                if size > limit:
-                    raise self._too_big(f"sent more than {limit:,} bytes")
-                parts.append(chunk)
-                if self._deadline is not None and self._clock() > self._deadline:
-                    raise self._read_failure(None, size)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            self.close()
-            raise self._read_failure(exc) from exc
-        except BaseException:
-            self.close()
-            raise
-        self.body = b"".join(parts)
-        return self.body
-
-    def lines(self, progress: Any = None) -> Iterator[str]:
-        """A streamed body's lines, decoded. ``progress`` (a ``generation.StreamProgress``) gives
-        the partial answer and stats that errors raised here carry."""
-
-        def context() -> dict[str, Any]:
-            if progress is None:
-                return {"url": self.url}
-            return {"url": self.url, "partial_text": progress.text(), "stats": progress.stats}
-
-        max_line = min(MAX_LINE_BYTES, self._options.max_response_bytes)
-
-        def too_long(size: int) -> ModelAPIError:
-            return transport_errors.line_too_long(max_line, size, **context())
-
-        splitter = LineSplitter(max_line, too_long)
-        try:
-            for chunk in self._chunks(8192):
-                yield from map(decode, splitter.feed(chunk))
-                if self._deadline is not None and self._clock() > self._deadline:
-                    raise transport_errors.stream_too_long(self._options.stream_max_seconds,
-                                                           len(context().get("partial_text", "")), **context())
-            rest = splitter.finish()
-            if rest.strip():
-                yield decode(rest)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            if read_timed_out(exc):
-                raise transport_errors.stream_silent(self._options.read_timeout, **context()) from exc
-            raise transport_errors.stream_cut(str(exc), len(context().get("partial_text", "")),
-                                              **context()) from exc
-
-    # --- errors ---
-
-    def _too_big(self, what: str) -> ModelAPIError:
-        return transport_errors.too_big(self.url, self.status, what, self._options.max_response_bytes)
-
-    def _read_failure(self, exc: BaseException | None, size: int = 0) -> ModelAPIError:
-        """The whole-body read failed: the deadline passed (``exc`` None), silence, or a broken connection."""
-        if exc is not None and not read_timed_out(exc):
-            return transport_errors.cut_off(self.url, self.status, str(exc))
-        return transport_errors.read_too_slow(self.url, self.status, *self._timeout_setting, size, exc is None)
 
 
 class HttpTransport:

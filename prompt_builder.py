@@ -56,37 +56,11 @@ __all__ = [
     "load_template", "prompt_frame",
 ]
 
-#: Phi-4's window, shared by the prompt and the answer.
-DEFAULT_CONTEXT_TOKENS = 16384
-#: The default answer length (``MAX_NEW_TOKENS``).
-DEFAULT_MAX_NEW_TOKENS = 512
-#: Kept free for the chat template's own tokens (``<|im_start|>user<|im_sep|>`` ...).
-DEFAULT_RESERVE_TOKENS = 64
-#: Per-value limit used by :func:`build_prompt` unless told otherwise.
-DEFAULT_MAX_CELL_CHARS = 500
-
-
-def default_token_budget(
-    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    reserve: int = DEFAULT_RESERVE_TOKENS,
-) -> int:
-    """Tokens left for the user prompt: the window minus the answer and a reserve.
-
-    The reserve covers the chat template's role markers; the system prompt, if
-    any, is subtracted separately by :func:`build_prompt`.
-    """
-    for name, value in (("context_tokens", context_tokens), ("max_new_tokens", max_new_tokens), ("reserve", reserve)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise PromptError(f"{name} must be a non-negative integer, got {value!r}")
-    budget = context_tokens - max_new_tokens - reserve
-    if budget <= 0:
-        raise PromptError(
-            f"No room for a prompt: context of {context_tokens:,} tokens minus {max_new_tokens:,} "
-            f"for the answer and {reserve:,} reserved leaves {budget:,}",
-            hint="Lower MAX_NEW_TOKENS or use a model with a larger context window.",
-        )
-    return budget
+# The window arithmetic lives with the other prompt-size rules; these names stay importable here.
+from prompt_limits import (  # noqa: E402
+    DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_CELL_CHARS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RESERVE_TOKENS,
+    default_token_budget,
+)
 
 
 # ---------------------------------------------------------------------------
