@@ -47,6 +47,7 @@ class PCProtocol(Protocol):
     generate_path = "/api/generate"
     probe_paths = ("/api/health",)
     streams = False
+    slots_source = "the pc server runs one at a time"
 
     @classmethod
     def detect(cls, get: ProbeFn) -> Detection | None:

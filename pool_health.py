@@ -89,10 +89,8 @@ def limit_for(client: ServerClient) -> tuple[int, str]:
     if client.spec.slots:
         return client.spec.slots, "#slots"
     reported = client.slots()
-    if reported and client.protocol == "pc":
-        return reported, "the pc server runs one at a time"
     if reported:
-        return reported, "reported by the server"
+        return reported, client.slots_source
     return 1, "default; set #slots=N if the server runs more"
 
 

@@ -146,6 +146,8 @@ class Protocol:
     probe_paths: ClassVar[tuple[str, ...]] = ()  # what detect() may GET, for the "unknown server" message
     streams: ClassVar[bool] = True
     structured_output: ClassVar[bool] = False  # honours GenerationRequest.json_schema
+    #: Where the figure from :meth:`slots` comes from, for --check and the pool's log.
+    slots_source: ClassVar[str] = "reported by the server"
 
     def __init__(self, server: ServerInfo) -> None:
         self.server = server

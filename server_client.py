@@ -196,6 +196,11 @@ class ServerClient:
         listing = self._detect(get).list_models(get)
         return None if listing is None else list(listing.names)
 
+    @property
+    def slots_source(self) -> str:
+        """Where :meth:`slots`' figure comes from ("reported by the server", "the pc server runs one at a time")."""
+        return self._protocol.slots_source if self._protocol else Protocol.slots_source
+
     def slots(self) -> int | None:
         """How many generations the server says it runs at once (pc: 1; llama.cpp: its slots), or None."""
         get = self._prober(1)

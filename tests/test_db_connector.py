@@ -354,7 +354,7 @@ def test_test_connection_true_and_false_never_raises(test_db_url, monkeypatch, c
     db_connector.close_pool()
     monkeypatch.setenv("DB_PORT", "not-a-port")
     monkeypatch.delenv("DATABASE_URL")
-    config._cached = None
+    config.reset_settings()
     assert db_connector.test_connection() is False
     assert "DB_PORT must be an integer" in caplog.text
 
