@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import config
 from errors import ConfigError, PipelineError
 from generation import STATS_KEYS, Generation, GenerationStats, HealthReport
+from http_bodies import DETAIL_CHARS, EXCERPT_CHARS
 from model_protocols import PROTOCOLS as _PROTOCOL_CLASSES
 from retry_policy import RETRY_STATUSES
 from server_client import ServerClient
@@ -37,7 +38,7 @@ from server_pool import ModelServerPool, ServerStatus
 from server_spec import ServerSpec
 
 __all__ = [
-    "PROTOCOLS", "RETRY_STATUSES", "STATS_KEYS", "Generation", "GenerationStats", "HealthReport", "ModelAPIClient",
+    "DETAIL_CHARS", "EXCERPT_CHARS", "PROTOCOLS", "RETRY_STATUSES", "STATS_KEYS", "Generation", "GenerationStats", "HealthReport", "ModelAPIClient",
     "ModelServerPool", "ServerClient", "ServerSpec", "ServerStatus", "check_server_health", "clear_detection_cache",
     "get_default_client", "get_default_pool", "send_prompt", "stream_prompt",
 ]
