@@ -119,6 +119,16 @@ def test_each_protocol_end_to_end(run, server_factory, stream_flag):
     assert result.stdout == ANSWER + "\n"
     assert f"{srv.protocol}:" in result.stderr and "rows 12/12" in result.stderr
     assert len(posts(srv)) == 1
+    if srv.protocol != "pc":  # the pc server has no streaming endpoint
+        assert posts(srv)[0].json["stream"] is (stream_flag == "--stream")  # --no-stream waits for the whole answer
+
+
+@pytest.mark.parametrize("protocol_server", [FakeOllamaServer, FakeOpenAIServer])
+def test_json_without_stream_waits_for_the_whole_answer(run, protocol_server):
+    with protocol_server(answer=ANSWER) as srv:
+        result = run("--query", "SELECT 1 AS x", "--json", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert posts(srv)[0].json["stream"] is False and json.loads(result.stdout)["answer"] == ANSWER
 
 
 def test_json_output_parses_back(run):
