@@ -401,7 +401,10 @@ class ModelServerPool:
             logger.info("Model server %s is still down: %s; next check in %.3g s", server.display,
                         error.message.rstrip("."), delay)
         else:
-            (logger.info if quiet else logger.warning)(
+            # With one server the caller reports the same failure (its request fails with it, or
+            # waits for the server): on the console it would say the same thing twice.
+            shown = not quiet and len(self._servers) > 1
+            (logger.warning if shown else logger.info)(
                 "Model server %s is down: %s. It gets no work until a health check passes; next check in %.3g s",
                 server.display, error.message.rstrip("."), delay)
         server.state = DOWN

@@ -118,6 +118,14 @@ def test_check_reports_a_model_server_failure_once(run):
     assert "Cannot connect" not in result.stderr and "not ready" not in result.stderr
 
 
+def test_a_run_reports_its_only_servers_failure_once(run):
+    result = run("--query", "SELECT 1 AS x", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}",
+                                                  "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 5
+    assert result.stderr.count("Cannot connect to the model server at") == 1, result.stderr
+    assert "Error [CONNECTION_ERROR]: Cannot connect" in result.stderr
+
+
 def test_a_template_without_data_warns_once(run):
     result = run("--query", "SELECT 1 AS x", "--template", "Summarise the rows.", "--dry-run")
     assert result.returncode == 0
