@@ -113,6 +113,27 @@ def test_a_port_in_db_host_names_db_port():
     assert "write DB_HOST=db.lan and DB_PORT=5433" in problem(DB_HOST="db.lan:5433")
 
 
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("http://192.168.0.10:8000", "write PC_IP=192.168.0.10 and API_PORT=8000, or give the whole URL as "
+                                     "API_BASE_URL=http://192.168.0.10:8000"),
+        ("https://pc.lan", "write PC_IP=pc.lan, or give the whole URL as API_BASE_URL=https://pc.lan"),
+    ],
+)
+def test_a_url_in_pc_ip_shows_what_to_write(value, fix):
+    assert f"PC_IP={value} is a URL, not a host name or IP address: {fix}" in problem(PC_IP=value)
+
+
+@pytest.mark.parametrize("value", ["192.168.0.10:abc", "192.168.0.10:", "a:b:c", "[::1]"])
+def test_a_colon_that_is_neither_a_port_nor_ipv6_is_a_configuration_error(value):
+    # These used to pass, then fail inside the HTTP client as an internal error.
+    text = problem(PC_IP=value)
+    assert f"PC_IP" in text and value in text
+    if value.count(":") == 1 and not value.startswith("["):
+        assert "is not a port number; write PC_IP=192.168.0.10, and the port as API_PORT" in text
+
+
 def test_placeholder_in_any_listed_server_is_not_configured_yet():
     text = problem(API_BASE_URL="http://192.168.0.10:8000,http://192.168.0.XXX:11434")
     assert "API_BASE_URL is not configured yet" in text and "192.168.0.XXX" in text
