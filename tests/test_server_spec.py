@@ -81,6 +81,8 @@ def test_a_bad_server_entry_names_the_server_and_the_fix(value, expected):
         ("http://host:8080/v1/chat/completions", "http://host:8080"),
         ("http://host:8080/completion", "http://host:8080"),
         ("https://proxy.lan/llm/v1/chat/completions", "https://proxy.lan/llm"),
+        ("http://host:8000/api/generate?stream=false", "http://host:8000"),
+        ("http://bob:Hunter2@host:8000/api/generate", "http://bob:***@host:8000"),
     ],
 )
 def test_an_endpoint_instead_of_the_base_url_says_which_base_url_to_use(url, base):
