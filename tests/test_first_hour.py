@@ -6,10 +6,14 @@ flags, every message once. CLI behaviour runs in-process (the ``run`` fixture).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 import sql_guard
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SETTING_NAMES
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port
 from test_pipeline import run  # noqa: F401  (the fixture)
@@ -137,3 +141,29 @@ def test_the_database_error_names_both_routes(run):
                                              "DB_CONNECT_RETRIES": "0", "PC_IP": "127.0.0.1"})
     assert result.returncode == 3
     assert "docker compose up -d" in result.stderr and "python load_sample_db.py" in result.stderr
+
+
+# --- piping into head -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--query", "SELECT * FROM reviews", "--dry-run"], ["--check"],
+     ["--per-row", "--query", "SELECT id, body FROM reviews", "--template", "Mood: {row.body}"]],
+    ids=["answer", "check", "per-row"],
+)
+def test_stdout_closed_by_its_reader_is_not_reported_as_a_bug(test_db_url, tmp_path, args):
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(DATABASE_URL=test_db_url, LOG_FILE="", ENV_FILE=os.devnull)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited: every write fails with EPIPE
+    try:
+        with FakePCServer() as srv:
+            result = subprocess.run([sys.executable, str(REPO_ROOT / "db_to_model_pipeline.py"), *args],
+                                    cwd=tmp_path, env={**env, "API_BASE_URL": srv.base_url}, stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Internal error" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert "Exception ignored" not in result.stderr
