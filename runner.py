@@ -287,13 +287,14 @@ def _keep_error_context(run: RunResult, error: ModelAPIError) -> None:
 def _keep_known(run: RunResult, pool: Any) -> None:
     """After an error or Ctrl-C before any stats: the protocol, model and server already known.
 
-    With one server they are that server's; with several, the one that was asked is not known
-    here (an error that knows it carries its stats).
+    With one server they are that server's; with several, those of the server the request went
+    to (none yet when it was still waiting for a free one).
     """
-    if run.model_stats or len(pool.clients) != 1:
+    if run.model_stats:
         return
-    client = pool.clients[0]
-    run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
+    client = pool.clients[0] if len(pool.clients) == 1 else pool.asked()
+    if client is not None:
+        run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
 
 
 def run_pipeline(

@@ -126,6 +126,7 @@ class ModelServerPool:
         self._wakeup = threading.Condition(self._lock)  # the timer thread waits on it
         self._queue: collections.deque[_Ticket] = collections.deque()
         self._timer: threading.Thread | None = None
+        self._asked = threading.local()  # per thread: the server its latest request went to
 
     # --- what the pool holds ---
 
@@ -140,6 +141,14 @@ class ModelServerPool:
         if len(self._servers) == 1:
             return self._servers[0].display
         return f"one of {len(self._servers)} model servers"
+
+    def asked(self) -> ServerClient | None:
+        """The server the calling thread's latest request was sent to (None while it waits for one).
+
+        After Ctrl-C or an error that carries no statistics, it says which server, protocol and
+        model were being asked.
+        """
+        return getattr(self._asked, "client", None)
 
     @property
     def capacity(self) -> int:
@@ -212,6 +221,7 @@ class ModelServerPool:
         since = time.monotonic()
         deadline = since + max(0.0, wait_for_server)
         last_error: PipelineError | None = None
+        self._asked.client = None
         while True:
             try:
                 server, attempts = self._acquire(since, deadline, first_in_line=last_error is not None)
@@ -222,6 +232,7 @@ class ModelServerPool:
             if server is None:  # one server, which this request found down: its own error, as a single
                 assert last_error is not None  # client raises it (outside the except: the cause stays)
                 raise last_error
+            self._asked.client = server.client
             try:
                 generation = call(server.client, attempts)
             except PipelineError as exc:
