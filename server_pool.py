@@ -143,11 +143,7 @@ class ModelServerPool:
         return f"one of {len(self._servers)} model servers"
 
     def asked(self) -> ServerClient | None:
-        """The server the calling thread's latest request was sent to (None while it waits for one).
-
-        After Ctrl-C or an error that carries no statistics, it says which server, protocol and
-        model were being asked.
-        """
+        """The server the calling thread's latest request went to (None while it waits): after Ctrl-C, who was asked."""
         return getattr(self._asked, "client", None)
 
     @property
@@ -412,8 +408,7 @@ class ModelServerPool:
             logger.info("Model server %s is still down: %s; next check in %.3g s", server.display,
                         error.message.rstrip("."), delay)
         else:
-            # With one server the caller reports the same failure (its request fails with it, or
-            # waits for the server): on the console it would say the same thing twice.
+            # With one server the caller reports the same failure: on the console it would say it twice.
             shown = not quiet and len(self._servers) > 1
             (logger.warning if shown else logger.info)(
                 "Model server %s is down: %s. It gets no work until a health check passes; next check in %.3g s",
