@@ -7,6 +7,7 @@ flags, every message once. CLI behaviour runs in-process (the ``run`` fixture).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -167,3 +168,29 @@ def test_stdout_closed_by_its_reader_is_not_reported_as_a_bug(test_db_url, tmp_p
     assert result.returncode == 141, result.stderr
     assert "Internal error" not in result.stderr and "BrokenPipe" not in result.stderr
     assert "Exception ignored" not in result.stderr
+
+
+# --- the two quick starts -------------------------------------------------------------------
+
+
+def _quick_start(heading: str, next_heading: str) -> str:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return readme[readme.index(heading):readme.index(next_heading)]
+
+
+def test_the_korean_and_english_quick_starts_say_the_same():
+    korean = _quick_start("## 빠른 시작", "## Quick start")
+    english = _quick_start("## Quick start", "## Usage")
+
+    def commands(text: str) -> list[str]:  # the fenced commands, without their comments
+        return [line.split("  #")[0].rstrip() for line in text.splitlines()
+                if line.startswith(("python", "pip ", "cp ", "chmod ", "docker ", "echo "))]
+
+    def inline(text: str) -> set[str]:  # `code` in the prose; the per-row example's template is in each language
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        return {span for span in re.findall(r"`([^`\n]+)`", prose) if "--per-row" not in span}
+
+    assert commands(korean) == commands(english)
+    assert inline(korean) == inline(english)
+    for text in (korean, english):
+        assert text.count("--per-row") == 1 and "pip install -r requirements-dev.txt" in text

@@ -288,6 +288,8 @@ def test_check_shows_one_line_per_server_and_passes_while_one_is_usable(run):
         "[ OK ] model servers: 2 of 3 ready; together they run 3 generations at once",
     ]
     assert "firewall" in result.stdout  # the dead server's fix
+    assert result.stdout.count(f"Cannot connect to the model server at {dead}") == 1  # once, not also as a warning
+    assert "Cannot connect" not in result.stderr
     assert "Hunter2-Sentinel" not in result.stdout + result.stderr
     assert posts(pc) == [] and posts(llama) == []
 
