@@ -334,7 +334,8 @@ class BatchRunner:
             except PipelineError as exc:  # the record could not be written (file, table)
                 self._stop(f"results could not be recorded: {exc.message}", exc.exit_code, exc)
             except OSError as exc:  # a full disk, stdout closed by the reader (| head)
-                self._stop(f"results could not be written: {exc.strerror or exc}", ExitCode.INTERNAL, None)
+                code = ExitCode.BROKEN_PIPE if isinstance(exc, BrokenPipeError) else ExitCode.INTERNAL
+                self._stop(f"results could not be written: {exc.strerror or exc}", code, None)
             except Exception as exc:  # noqa: BLE001 - a bug: stop cleanly rather than lose the thread
                 logger.exception("Internal error while processing row %r", task.key)
                 self._stop(f"internal error: {type(exc).__name__}: {exc}", 1, None)

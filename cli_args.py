@@ -52,6 +52,7 @@ exit codes:
   0 success            3 database connection error    6 model server error or bad response
   1 internal error     4 query error or refused write 7 --per-row finished, some rows failed (rerun retries them)
   2 usage/config error 5 model server unreachable or timed out   130 interrupted (Ctrl-C)   143 terminated (SIGTERM)
+  141 standard output closed before everything was written (e.g. piped into head)
 """
 
 # Flags that set a setting, by the variable they override (flags beat the environment and .env).

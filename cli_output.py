@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets as random_names
 import stat
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
@@ -19,20 +20,50 @@ from runner import RunResult
 
 
 class MaskedStream:
-    """A text stream that hides secrets in everything written through it."""
+    """A text stream that hides secrets in everything written through it.
+
+    It also holds at most one transient status line (the spinner's), drawn in place by
+    :meth:`show_status`. Any other write erases that line first, so a warning logged while the
+    spinner turns starts at the beginning of a line instead of after the spinner's text; the
+    spinner draws itself again below it.
+    """
 
     def __init__(self, stream: TextIO, secrets: Sequence[str] = ()) -> None:
         self._stream = stream
         self.secrets: list[str] = list(secrets)
+        self._lock = threading.RLock()  # the spinner draws from its own thread
+        self._status_width = 0  # characters of the status line on screen (0: none)
 
     def write(self, text: str) -> int:
-        return self._stream.write(config.mask_secrets(text, self.secrets))
+        with self._lock:
+            self._erase_status()
+            return self._stream.write(config.mask_secrets(text, self.secrets))
+
+    def show_status(self, text: str) -> None:
+        """Draw ``text`` as the transient status line, in place of the previous one ('' erases it)."""
+        with self._lock:
+            if not text:
+                self._erase_status()
+            else:
+                shown = config.mask_secrets(text, self.secrets)
+                self._stream.write("\r" + shown + " " * max(0, self._status_width - len(shown)))
+                self._status_width = len(shown)
+            self._stream.flush()
+
+    def _erase_status(self) -> None:
+        if self._status_width:
+            self._stream.write("\r" + " " * self._status_width + "\r")
+            self._status_width = 0
 
     def flush(self) -> None:
         self._stream.flush()
 
     def isatty(self) -> bool:
         return self._stream.isatty()
+
+    def fileno(self) -> int:
+        """The underlying stream's descriptor (the terminal's width is read from it)."""
+        return self._stream.fileno()
 
 
 # --- files -------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Settings:
 
     # Model server on the PC
     pc_ip: str | None = setting(
-        "PC_IP", None, Host(port_setting="API_PORT"), "the PC's LAN address; the server URL is `http://{PC_IP}:{API_PORT}`",
+        "PC_IP", None, Host(port_setting="API_PORT", url_setting="API_BASE_URL"), "the PC's LAN address; the server URL is `http://{PC_IP}:{API_PORT}`",
         example="192.168.0.XXX")
     api_port: int = setting(
         "API_PORT", "8000", IntRange(1, 65535), "model server port (Ollama 11434, LM Studio 1234, llama.cpp 8080)")
@@ -142,7 +142,7 @@ class Settings:
         "MODEL_DIR", None, Parser(), "PC only: model folder", example="./models/phi4-quantized")
     laptop_ip: str | None = setting("LAPTOP_IP", None, Host(), "the laptop's LAN address (informational)")
     # Database
-    db_host: str = setting("DB_HOST", "localhost", Host(port_setting="DB_PORT"), "PostgreSQL host")
+    db_host: str = setting("DB_HOST", "localhost", Host(port_setting="DB_PORT", url_setting="DATABASE_URL"), "PostgreSQL host")
     db_port: int = setting("DB_PORT", "5432", IntRange(1, 65535), "PostgreSQL port")
     db_name: str | None = setting(
         "DB_NAME", None, Parser(), "database name", example="shop", default_doc="(libpq default)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -143,12 +144,28 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
 
 
 def _report_bug(error: Exception, args: argparse.Namespace, console: _Console) -> ExitCode:
+    if isinstance(error, BrokenPipeError):  # the reader of stdout stopped (| head): not a bug, nothing to say
+        logger.info("Standard output was closed before everything was written", extra={"file_only": True})
+        _discard_stdout(console.out)
+        return ExitCode.BROKEN_PIPE
     logger.error("Internal error", exc_info=error, extra={"file_only": True})
     if args.verbose:
         traceback.print_exception(type(error), error, error.__traceback__, file=console.err)
     console.err.write(f"Internal error: {type(error).__name__}: {error}\n"
                       "This is a bug. Run again with --verbose and report the output.\n")
     return ExitCode.INTERNAL
+
+
+def _discard_stdout(out: TextIO) -> None:
+    """Point the process's stdout at /dev/null, so that flushing it at exit does not fail again."""
+    if out is not sys.stdout:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _check(args: argparse.Namespace, overrides: dict[str, Any], console: _Console) -> ExitCode:

@@ -34,6 +34,7 @@ class ExitCode(IntEnum):
     MODEL_ERROR = 6  # the server's own error or a bad response
     ROWS_FAILED = 7  # --per-row finished, but some rows failed (rerunning the same command retries them)
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    BROKEN_PIPE = 141  # standard output closed by its reader (| head), as a process stopped by SIGPIPE
     TERMINATED = 143  # SIGTERM
 
 

@@ -115,7 +115,7 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
         with RowSpool.read(shared_database(settings), question.query, question.params,
                            max_rows=question.fetch_rows) as spool:
             run.columns, run.rows_total, run.more_rows = list(spool.columns), spool.count, spool.has_more
-            run.read_time = round(spool.read_time, 4)
+            run.read_time = round(spool.read_time, 3)
             if not spool.count:
                 logger.info("Query returned no rows; nothing sent to the model")
                 return run
@@ -131,7 +131,7 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
                 return run
             _map_and_reduce(question, options, settings, backend, planner, run, report, counter, sleep, parts)
     finally:
-        run.total_time = round(time.perf_counter() - started, 4)
+        run.total_time = round(time.perf_counter() - started, 3)
     return run
 
 
@@ -151,6 +151,7 @@ def _fits_one_prompt(question: Question, spool: RowSpool, settings: Settings, co
     except PromptError as exc:  # not even one row fits as it is: the map prompts shorten it
         logger.info("The single-question prompt cannot be built (%s); splitting the rows", exc.message)
         return False
+    run.shown_warnings.update(prompt.warnings)  # build_prompt has logged them
     if prompt.truncated:
         return False
     run.single = RunResult(q.query, rows=list(spool), columns=list(spool.columns), more_rows=spool.has_more,
@@ -188,9 +189,9 @@ class _Planner:
                                       max_new_tokens=max_new, counter=counter)
         self.mapped = mapped
         run.budget, run.counter = mapped.budget, counter.name
-        for message in mapped.warnings:
-            logger.warning("%s", message)
-            run.warnings.append(message)
+        for message in mapped.warnings:  # about the template: shown once, as the run starts
+            if message not in run.shown_warnings:
+                logger.warning("%s", message)
         values = {"question": mapped.question, "query": q.query, "context": q.context or "",
                   "columns": ", ".join(map(str, spool.columns))}
         self.reducer = mr_prompts.ReducePrompts(options.reduce_template, values, spool.count, budget=mapped.budget,

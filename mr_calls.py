@@ -32,6 +32,7 @@ from errors import (
     ModelServerError,
     ModelTimeoutError,
 )
+from generation import GenerationStats
 from mr_checkpoint import Checkpoint
 from progress import ProgressBar
 from token_count import log_difference
@@ -81,6 +82,8 @@ def retryable(error: ModelAPIError) -> bool:
 
 
 def _stats_dict(stats: Any) -> dict[str, Any]:
+    if isinstance(stats, GenerationStats):
+        return stats.as_dict()  # times rounded to milliseconds
     if stats is None:
         return {}
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):

@@ -49,7 +49,9 @@ def probe_capacity(settings: Settings) -> tuple[int | None, str]:
     if not ready:
         why = "; ".join(f"{report.server or 'the model server'}: {report.detail}" for report in reports)
         return None, f"no model server is ready ({why})"
-    return backend.capacity, f"{len(ready)} of {len(reports)} server(s) answered the health check"
+    if len(reports) == 1:
+        return backend.capacity, f"{reports[0].server or 'the model server'} answered the health check"
+    return backend.capacity, f"{len(ready)} of {len(reports)} servers answered the health check"
 
 
 def wanted(args: argparse.Namespace) -> bool:

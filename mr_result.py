@@ -45,7 +45,8 @@ class MapReduceRun:
     checkpoint_notice: str | None = None
     reusable: int = 0  # answers of this job found in the checkpoint
     token_check: dict[str, Any] | None = None
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # reported once the run ends
+    shown_warnings: set[str] = field(default_factory=set)  # already logged as the run went
     total_time: float | None = None
 
     @property
@@ -102,7 +103,7 @@ class MapReduceRun:
         }
         for key in SUMMED:
             values = [c.stats[key] for c in answered if isinstance(c.stats.get(key), (int, float))]
-            stats[key] = (round(sum(values), 4) if isinstance(sum(values), float) else sum(values)) if values else None
+            stats[key] = (round(sum(values), 3) if isinstance(sum(values), float) else sum(values)) if values else None
         generated, seconds = stats["generated_tokens"], stats["generation_time"]
         stats["tokens_per_second"] = round(generated / seconds, 2) if generated and seconds else None
         stats["wall_time"] = self.total_time

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from typing import Any, Callable, TextIO
@@ -126,11 +128,22 @@ class ProgressBar:
         self.close()
 
 
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to (``COLUMNS``, else 80, when it cannot be read)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
 class Spinner:
     """``⠙ waiting for the answer from http://pc:8000 ... 12s`` on a terminal while a call runs.
 
     Use as a context manager around a blocking call. Draws nothing unless ``stream`` is a
     terminal and not ``quiet``; erases its line when done, so the answer starts on a clean line.
+    The line is cut to the terminal's width: a wrapped line could not be redrawn in place. A
+    stream with ``show_status`` (the command's stderr) draws the line itself, so that whatever
+    else is written meanwhile (a logged warning) erases it first instead of following it.
     """
 
     def __init__(self, message: str, *, stream: TextIO, quiet: bool = False, interval: float = 0.1,
@@ -143,6 +156,7 @@ class Spinner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._width = 0
+        self._columns = terminal_columns(stream) if self._active else 80
 
     def __enter__(self) -> Spinner:
         if self._active:
@@ -155,16 +169,22 @@ class Spinner:
         frame = 0
         while not self._stop.wait(self._interval):
             text = f"{SPINNER_FRAMES[frame % len(SPINNER_FRAMES)]} {self.message} {format_duration(self._clock() - started)}"
-            self._width = max(self._width, len(text))
-            self._stream.write("\r" + text.ljust(self._width))
-            self._stream.flush()
+            self._draw(text[: max(self._columns - 1, 1)])
             frame += 1
+
+    def _draw(self, text: str) -> None:
+        show_status = getattr(self._stream, "show_status", None)
+        if show_status is not None:
+            show_status(text)
+            return
+        if text or self._width:
+            self._width = max(self._width, len(text))
+            self._stream.write("\r" + text.ljust(self._width) + ("" if text else "\r"))
+            self._stream.flush()
 
     def __exit__(self, *exc_info: object) -> None:
         if self._thread is None:
             return
         self._stop.set()
         self._thread.join()
-        if self._width:
-            self._stream.write("\r" + " " * self._width + "\r")
-            self._stream.flush()
+        self._draw("")

@@ -171,21 +171,22 @@ def run_question(
     # and has the rest counted without transferring them: memory follows the prompt, not
     # --max-rows. The connection goes back to the pool (idle, no open transaction) before the
     # model is asked.
-    with shared_database(settings).stream_rows(q.query, q.params, max_rows=q.fetch_rows) as stream:
-        run.columns = stream.columns
-        rows = _RecordedRows(stream, run.rows)
+    # (``row_stream``, not ``stream``: that name is the caller's choice to stream the answer.)
+    with shared_database(settings).stream_rows(q.query, q.params, max_rows=q.fetch_rows) as row_stream:
+        run.columns = row_stream.columns
+        rows = _RecordedRows(row_stream, run.rows)
         if not rows.peek():
             run.db_time = round(time.perf_counter() - started, 3)
             logger.info("Query returned no rows; nothing sent to the model")
             return run
         prompt = run.prompt = prompt_builder.build_prompt(
-            {"query": q.query, "results": rows, "columns": stream.columns}, q.template, q.context,
+            {"query": q.query, "results": rows, "columns": row_stream.columns}, q.template, q.context,
             data_format=q.data_format, max_tokens=q.prompt_tokens, max_chars=q.prompt_chars,
             max_rows=q.prompt_rows, max_cell_chars=q.max_cell_chars,
             context_tokens=settings.model_context_tokens, max_new_tokens=max_new_tokens,
             system_prompt=q.system_prompt,
         )
-        run.more_rows = stream.has_more
+        run.more_rows = row_stream.has_more
     run.db_time = round(time.perf_counter() - started, 3)
     at_least = "" if prompt.rows_total_exact and not run.more_rows else "at least "
     logger.info("Query returned %s%d row(s); %d read for the prompt in %.3f s", at_least, prompt.rows_total,
@@ -286,13 +287,14 @@ def _keep_error_context(run: RunResult, error: ModelAPIError) -> None:
 def _keep_known(run: RunResult, pool: Any) -> None:
     """After an error or Ctrl-C before any stats: the protocol, model and server already known.
 
-    With one server they are that server's; with several, the one that was asked is not known
-    here (an error that knows it carries its stats).
+    With one server they are that server's; with several, those of the server the request went
+    to (none yet when it was still waiting for a free one).
     """
-    if run.model_stats or len(pool.clients) != 1:
+    if run.model_stats:
         return
-    client = pool.clients[0]
-    run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
+    client = pool.clients[0] if len(pool.clients) == 1 else pool.asked()
+    if client is not None:
+        run.model_stats = GenerationStats(protocol=client.protocol, model=client.model, server=client.display_url)
 
 
 def run_pipeline(

@@ -126,6 +126,7 @@ class ModelServerPool:
         self._wakeup = threading.Condition(self._lock)  # the timer thread waits on it
         self._queue: collections.deque[_Ticket] = collections.deque()
         self._timer: threading.Thread | None = None
+        self._asked = threading.local()  # per thread: the server its latest request went to
 
     # --- what the pool holds ---
 
@@ -140,6 +141,10 @@ class ModelServerPool:
         if len(self._servers) == 1:
             return self._servers[0].display
         return f"one of {len(self._servers)} model servers"
+
+    def asked(self) -> ServerClient | None:
+        """The server the calling thread's latest request went to (None while it waits): after Ctrl-C, who was asked."""
+        return getattr(self._asked, "client", None)
 
     @property
     def capacity(self) -> int:
@@ -212,6 +217,7 @@ class ModelServerPool:
         since = time.monotonic()
         deadline = since + max(0.0, wait_for_server)
         last_error: PipelineError | None = None
+        self._asked.client = None
         while True:
             try:
                 server, attempts = self._acquire(since, deadline, first_in_line=last_error is not None)
@@ -222,6 +228,7 @@ class ModelServerPool:
             if server is None:  # one server, which this request found down: its own error, as a single
                 assert last_error is not None  # client raises it (outside the except: the cause stays)
                 raise last_error
+            self._asked.client = server.client
             try:
                 generation = call(server.client, attempts)
             except PipelineError as exc:
@@ -401,7 +408,9 @@ class ModelServerPool:
             logger.info("Model server %s is still down: %s; next check in %.3g s", server.display,
                         error.message.rstrip("."), delay)
         else:
-            (logger.info if quiet else logger.warning)(
+            # With one server the caller reports the same failure: on the console it would say it twice.
+            shown = not quiet and len(self._servers) > 1
+            (logger.warning if shown else logger.info)(
                 "Model server %s is down: %s. It gets no work until a health check passes; next check in %.3g s",
                 server.display, error.message.rstrip("."), delay)
         server.state = DOWN

@@ -23,7 +23,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from errors import ConfigError
 from masking import mask_url_password
@@ -121,7 +121,7 @@ def _check_url(url: str, where: str) -> None:
     path = parts.path.rstrip("/")
     for endpoint in ENDPOINT_PATHS:
         if path.lower().endswith(endpoint):
-            base = mask_url_password(url[: len(url) - len(path)] + path[: len(path) - len(endpoint)])
+            base = mask_url_password(urlunsplit((parts.scheme, parts.netloc, path[: len(path) - len(endpoint)], "", "")))
             raise SpecProblem(
                 f"{shown}{where} is an endpoint ({endpoint}), not the server's base URL: use {base} "
                 "(the client adds the endpoint paths itself)")

@@ -7,6 +7,7 @@ marks values that may carry a password in their user-info part (masked wherever 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Any
@@ -110,15 +111,22 @@ class Verbatim(Parser):
 
 
 class Host(Parser):
-    """A host name or IP address. ``port_setting`` names the setting a port written into it belongs in."""
+    """A host name or IP address.
+
+    ``port_setting`` names the setting a port written into it belongs in, ``url_setting`` the
+    one a whole URL belongs in: both mistakes are answered with what to write instead.
+    """
 
     values = "host name or IP"
 
-    def __init__(self, port_setting: str | None = None) -> None:
+    def __init__(self, port_setting: str | None = None, url_setting: str | None = None) -> None:
         self.port_setting = port_setting
+        self.url_setting = url_setting
 
     def __call__(self, raw: str) -> str:
         value = raw.strip()
+        if "://" in value and self.port_setting:
+            self._url_instead(value)
         if not value or any(ch.isspace() for ch in value) or "/" in value:
             raise ValueError("a host name or IP address such as 192.168.0.10")
         # "192.168.0.10:8000" or "[fe80::1]:8000"; a bare IPv6 address has several colons.
@@ -127,7 +135,35 @@ class Host(Parser):
             host, port = match.group(1) or match.group(3), match.group(2) or match.group(4)
             raise SettingProblem(f"{{name}}={value} has a port in it: write {{name}}={host} and "
                                  f"{self.port_setting}={port}")
+        if ":" in value and self.port_setting and not _is_ipv6(value):  # it would make a URL that cannot be parsed
+            host, _, after = value.partition(":")
+            if value.count(":") == 1:
+                raise SettingProblem(f"{{name}}={value}: {after!r} after the ':' is not a port number; write "
+                                     f"{{name}}={host}, and the port as {self.port_setting}")
+            raise ValueError("a host name or IP address such as 192.168.0.10 (an IPv6 address without brackets)")
         return value
+
+    def _url_instead(self, value: str) -> None:
+        """Raise SettingProblem for a URL written where a host belongs: the host (and port) to write."""
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname:
+            raise ValueError("a host name or IP address such as 192.168.0.10")
+        fix = f"write {{name}}={parts.hostname}" + (f" and {self.port_setting}={port}" if port else "")
+        if self.url_setting:
+            fix += f", or give the whole URL as {self.url_setting}={mask_url_password(value)}"
+        raise SettingProblem(f"{{name}}={mask_url_password(value)} is a URL, not a host name or IP address: {fix}")
+
+
+def _is_ipv6(value: str) -> bool:
+    try:
+        ipaddress.IPv6Address(value)  # a zone ("fe80::1%eth0") is accepted
+    except ValueError:
+        return False
+    return True
 
 
 class HttpUrl(Parser):

@@ -10,7 +10,7 @@ import pytest
 
 import config
 from conftest import REPO_ROOT, make_settings
-from demo_model_server import DemoServer, demo_answer, describe_prompt
+from demo_model_server import DemoServer, demo_answer, describe_prompt, example_for
 from fake_server_base import free_port
 from server_client import ServerClient
 from test_pipeline import run  # noqa: F401  (the fixture: the command in-process)
@@ -57,6 +57,7 @@ def test_the_answer_says_what_it_received():
     prompt = "Rows:\n| a |\n|---|\n| 1 |\n| 2 |\n\n(showing 2 of 9 rows)"
     assert describe_prompt(prompt, None) == f"a prompt of {len(prompt)} characters, 2 of 9 rows"
     assert "3 table rows" in describe_prompt("| a |\n|---|\n| 1 |\n| 2 |\n| 3 |", "system")
+    assert describe_prompt("| a |\n|---|\n| 1 |", None).endswith(", 1 table row")
     assert "a system prompt of 6 characters" in describe_prompt("x", "system")
     assert demo_answer("x").startswith("[demo]") and "PC_IP" in demo_answer("x")
 
@@ -93,6 +94,7 @@ def test_a_port_in_use_is_explained():
                                 capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and f"--port {port + 1}" in result.stderr
+    assert f"API_BASE_URL=http://127.0.0.1:{port + 1}" in result.stderr
 
 
 @pytest.mark.parametrize("env", [{}, {"PC_IP": "192.168.0.XXX"}], ids=["unset", "placeholder"])
@@ -102,3 +104,40 @@ def test_an_unconfigured_pc_points_at_the_demo(run, env):
     assert "python demo_model_server.py" in result.stderr and "API_BASE_URL=http://127.0.0.1:8000" in result.stderr
     with pytest.raises(config.ConfigError, match="PC_IP"):
         config.load_settings(env, environ={}).api_base_url()
+
+
+# --- answers asked for as JSON (--schema) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_readmes_schema_example_runs_against_the_demo(run, tmp_path, protocol):
+    # The pc server is sent the schema in the prompt; Ollama as format, OpenAI-compatible as response_format.
+    with DemoServer(protocol, port=0, speed=0) as demo:
+        result = run("--per-row", "--query", "SELECT id, rating, title, body FROM reviews",
+                     "--template-file", str(REPO_ROOT / "examples" / "templates" / "review_sentiment_per_row.txt"),
+                     "--schema", str(REPO_ROOT / "examples" / "sentiment_schema.json"),
+                     "--output", str(tmp_path / "sentiment.csv"), env={"API_BASE_URL": demo.base_url})
+    assert result.returncode == 0, result.stderr
+    assert "Rows: 20 ok, 0 failed" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "sentiment.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {tuple(sorted(r["parsed"])) for r in records if "status" in r} == {("score", "sentiment", "topics")}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        json.loads((REPO_ROOT / "examples" / "sentiment_schema.json").read_text(encoding="utf-8")),
+        {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 3},
+                                          "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                                          "label": {"type": "string", "minLength": 10, "maxLength": 12},
+                                          "maybe": {"type": ["null", "boolean"]}, "fixed": {"const": 7},
+                                          "either": {"anyOf": [{"type": "number", "maximum": -5}, {"type": "string"}]}},
+         "required": ["n", "tags", "label", "maybe", "fixed", "either"], "additionalProperties": False},
+        {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 0},
+    ],
+    ids=["sentiment", "keywords", "empty-array"],
+)
+def test_the_demos_json_matches_the_schema(schema):
+    import jsonschema
+
+    jsonschema.validate(example_for(schema), schema)

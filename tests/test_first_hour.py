@@ -6,10 +6,15 @@ flags, every message once. CLI behaviour runs in-process (the ``run`` fixture).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 import sql_guard
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SETTING_NAMES
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port
 from test_pipeline import run  # noqa: F401  (the fixture)
@@ -118,6 +123,14 @@ def test_check_reports_a_model_server_failure_once(run):
     assert "Cannot connect" not in result.stderr and "not ready" not in result.stderr
 
 
+def test_a_run_reports_its_only_servers_failure_once(run):
+    result = run("--query", "SELECT 1 AS x", env={"API_BASE_URL": f"http://127.0.0.1:{free_port()}",
+                                                  "API_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 5
+    assert result.stderr.count("Cannot connect to the model server at") == 1, result.stderr
+    assert "Error [CONNECTION_ERROR]: Cannot connect" in result.stderr
+
+
 def test_a_template_without_data_warns_once(run):
     result = run("--query", "SELECT 1 AS x", "--template", "Summarise the rows.", "--dry-run")
     assert result.returncode == 0
@@ -129,3 +142,55 @@ def test_the_database_error_names_both_routes(run):
                                              "DB_CONNECT_RETRIES": "0", "PC_IP": "127.0.0.1"})
     assert result.returncode == 3
     assert "docker compose up -d" in result.stderr and "python load_sample_db.py" in result.stderr
+
+
+# --- piping into head -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--query", "SELECT * FROM reviews", "--dry-run"], ["--check"],
+     ["--per-row", "--query", "SELECT id, body FROM reviews", "--template", "Mood: {row.body}"]],
+    ids=["answer", "check", "per-row"],
+)
+def test_stdout_closed_by_its_reader_is_not_reported_as_a_bug(test_db_url, tmp_path, args):
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env.update(DATABASE_URL=test_db_url, LOG_FILE="", ENV_FILE=os.devnull)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited: every write fails with EPIPE
+    try:
+        with FakePCServer() as srv:
+            result = subprocess.run([sys.executable, str(REPO_ROOT / "db_to_model_pipeline.py"), *args],
+                                    cwd=tmp_path, env={**env, "API_BASE_URL": srv.base_url}, stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Internal error" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+
+
+# --- the two quick starts -------------------------------------------------------------------
+
+
+def _quick_start(heading: str, next_heading: str) -> str:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return readme[readme.index(heading):readme.index(next_heading)]
+
+
+def test_the_korean_and_english_quick_starts_say_the_same():
+    korean = _quick_start("## 빠른 시작", "## Quick start")
+    english = _quick_start("## Quick start", "## Usage")
+
+    def commands(text: str) -> list[str]:  # the fenced commands, without their comments
+        return [line.split("  #")[0].rstrip() for line in text.splitlines()
+                if line.startswith(("python", "pip ", "cp ", "chmod ", "docker ", "echo "))]
+
+    def inline(text: str) -> set[str]:  # `code` in the prose; the per-row example's template is in each language
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        return {span for span in re.findall(r"`([^`\n]+)`", prose) if "--per-row" not in span}
+
+    assert commands(korean) == commands(english)
+    assert inline(korean) == inline(english)
+    for text in (korean, english):
+        assert text.count("--per-row") == 1 and "pip install -r requirements-dev.txt" in text

@@ -132,6 +132,24 @@ def test_every_row_reaches_exactly_one_map_prompt_and_every_answer_the_reduce(ru
     assert doc["stats"]["rows_shown"] == doc["rows_total"] == ROWS and doc["mode"] == "all_rows"
 
 
+def test_times_are_whole_milliseconds_in_the_sums_and_in_every_call(run):
+    with MapReduceOpenAIServer(slots=4) as srv:
+        doc = run("--query", QUERY, "--all-rows", *SMALL, "--json", env={"API_BASE_URL": srv.base_url}).json()
+    times = [(key, value) for key, value in doc["stats"].items() if key.endswith("_time") and value is not None]
+    times += [(key, value) for call in all_calls(doc) for key, value in call["stats"].items()
+              if key.endswith("_time") and value is not None]
+    assert {key for key, _ in times} >= {"db_time", "total_time", "wall_time"}
+    assert all(value == round(value, 3) for _, value in times), times
+
+
+def test_a_template_without_data_warns_once(run):
+    with MapReduceOpenAIServer(slots=4) as srv:
+        result = run("--query", QUERY, "--all-rows", *SMALL, "--template", "What do customers complain about?",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("no {data} placeholder") == 1, result.stderr
+
+
 def test_two_reduce_levels_when_the_answers_do_not_fit_one_prompt(run):
     def long_answers(prompt: str) -> str:
         return summarise(prompt) + " " + "word " * 60  # about 70 tokens per answer
@@ -187,7 +205,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(run):
     out = result.stdout
     assert f"rows             {ROWS:,}" in out
     assert "map calls" in out and "tokens in all" in out and "level" in out and "calls in all" in out
-    assert "answered the health check" in out and "about " in out
+    assert f"({srv.base_url} answered the health check;" in out and "about " in out
     assert "First map prompt:" in out and "one part of the data" in out
     assert "nothing was sent" in result.stderr
 

@@ -119,6 +119,16 @@ def test_each_protocol_end_to_end(run, server_factory, stream_flag):
     assert result.stdout == ANSWER + "\n"
     assert f"{srv.protocol}:" in result.stderr and "rows 12/12" in result.stderr
     assert len(posts(srv)) == 1
+    if srv.protocol != "pc":  # the pc server has no streaming endpoint
+        assert posts(srv)[0].json["stream"] is (stream_flag == "--stream")  # --no-stream waits for the whole answer
+
+
+@pytest.mark.parametrize("protocol_server", [FakeOllamaServer, FakeOpenAIServer])
+def test_json_without_stream_waits_for_the_whole_answer(run, protocol_server):
+    with protocol_server(answer=ANSWER) as srv:
+        result = run("--query", "SELECT 1 AS x", "--json", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert posts(srv)[0].json["stream"] is False and json.loads(result.stdout)["answer"] == ANSWER
 
 
 def test_json_output_parses_back(run):
@@ -278,6 +288,8 @@ def test_check_shows_one_line_per_server_and_passes_while_one_is_usable(run):
         "[ OK ] model servers: 2 of 3 ready; together they run 3 generations at once",
     ]
     assert "firewall" in result.stdout  # the dead server's fix
+    assert result.stdout.count(f"Cannot connect to the model server at {dead}") == 1  # once, not also as a warning
+    assert "Cannot connect" not in result.stderr
     assert "Hunter2-Sentinel" not in result.stdout + result.stderr
     assert posts(pc) == [] and posts(llama) == []
 

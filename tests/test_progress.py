@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
+import threading
 import time
 
 import pytest
 
-from progress import ProgressBar, Spinner, format_duration
+from cli_output import MaskedStream
+from progress import SPINNER_FRAMES, ProgressBar, Spinner, format_duration
 
 
 class Terminal(io.StringIO):
@@ -78,3 +81,68 @@ def test_no_spinner_when_not_a_terminal():
     with Spinner("waiting", stream=out, interval=0.01):
         time.sleep(0.05)
     assert out.getvalue() == ""
+
+
+class Screen(io.StringIO):
+    """A terminal's text: what was written, the lines it leaves (``\\r`` rewrites a line), frames drawn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = 0
+        self._drawn = threading.Condition()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._drawn:
+            self.frames += sum(text.count(frame) for frame in SPINNER_FRAMES)
+            self._drawn.notify_all()
+        return super().write(text)
+
+    def wait_for_frames(self, count: int) -> None:
+        with self._drawn:
+            assert self._drawn.wait_for(lambda: self.frames >= count, timeout=10)
+
+    def lines(self) -> list[str]:
+        lines, line, column = [], [], 0
+        for char in self.getvalue():
+            if char == "\n":
+                lines.append("".join(line).rstrip())
+                line, column = [], 0
+            elif char == "\r":
+                column = 0
+            else:
+                line[column:column + 1] = [char]
+                column += 1
+        return lines + ["".join(line).rstrip()]
+
+
+def test_a_warning_logged_while_the_spinner_turns_starts_a_line_of_its_own():
+    screen = Screen()
+    err = MaskedStream(screen)
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log = logging.getLogger("test_progress.spinner")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with Spinner("waiting for the answer", stream=err, interval=0.01):
+            screen.wait_for_frames(1)
+            log.warning("Connecting to http://pc:8000 failed; retry 1, in 0.5 s")
+            screen.wait_for_frames(screen.frames + 1)  # drawn again, below the warning
+    finally:
+        log.removeHandler(handler)
+    lines = screen.lines()
+    assert "WARNING: Connecting to http://pc:8000 failed; retry 1, in 0.5 s" in lines
+    assert not any(frame in line for line in lines for frame in SPINNER_FRAMES)  # erased before and after
+    assert lines[-1] == ""
+
+
+def test_the_spinner_fits_the_terminals_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "30")  # a stream without a descriptor: the width comes from COLUMNS
+    out = Screen()
+    with Spinner("waiting for the answer from http://192.168.0.10:8000 ...", stream=out, interval=0.01):
+        out.wait_for_frames(2)
+    drawn = [part for part in out.getvalue().split("\r") if part.strip()]
+    assert drawn and all(len(part) <= 29 for part in drawn)  # a wrapped line could not be redrawn in place

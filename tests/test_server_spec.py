@@ -81,6 +81,8 @@ def test_a_bad_server_entry_names_the_server_and_the_fix(value, expected):
         ("http://host:8080/v1/chat/completions", "http://host:8080"),
         ("http://host:8080/completion", "http://host:8080"),
         ("https://proxy.lan/llm/v1/chat/completions", "https://proxy.lan/llm"),
+        ("http://host:8000/api/generate?stream=false", "http://host:8000"),
+        ("http://bob:Hunter2@host:8000/api/generate", "http://bob:***@host:8000"),
     ],
 )
 def test_an_endpoint_instead_of_the_base_url_says_which_base_url_to_use(url, base):
@@ -111,6 +113,27 @@ def test_an_ipv6_pc_ip_is_not_mistaken_for_a_port():
 
 def test_a_port_in_db_host_names_db_port():
     assert "write DB_HOST=db.lan and DB_PORT=5433" in problem(DB_HOST="db.lan:5433")
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("http://192.168.0.10:8000", "write PC_IP=192.168.0.10 and API_PORT=8000, or give the whole URL as "
+                                     "API_BASE_URL=http://192.168.0.10:8000"),
+        ("https://pc.lan", "write PC_IP=pc.lan, or give the whole URL as API_BASE_URL=https://pc.lan"),
+    ],
+)
+def test_a_url_in_pc_ip_shows_what_to_write(value, fix):
+    assert f"PC_IP={value} is a URL, not a host name or IP address: {fix}" in problem(PC_IP=value)
+
+
+@pytest.mark.parametrize("value", ["192.168.0.10:abc", "192.168.0.10:", "a:b:c", "[::1]"])
+def test_a_colon_that_is_neither_a_port_nor_ipv6_is_a_configuration_error(value):
+    # These used to pass, then fail inside the HTTP client as an internal error.
+    text = problem(PC_IP=value)
+    assert f"PC_IP" in text and value in text
+    if value.count(":") == 1 and not value.startswith("["):
+        assert "is not a port number; write PC_IP=192.168.0.10, and the port as API_PORT" in text
 
 
 def test_placeholder_in_any_listed_server_is_not_configured_yet():

@@ -173,6 +173,20 @@ def test_json_after_ctrl_c_while_waiting_keeps_protocol_and_model(test_db_url, t
     assert doc["stats"]["server"] == srv.base_url
 
 
+def test_json_after_ctrl_c_with_several_servers_names_the_one_asked(test_db_url, tmp_path):
+    with FakePCServer(delay=30) as first, FakePCServer(delay=30) as second:
+        proc = _start(["--query", "SELECT 1 AS x", "--no-stream", "--json"], test_db_url, tmp_path,
+                      f"{first.base_url},{second.base_url}")
+        _wait_for(lambda: posts(first) or posts(second))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    doc = json.loads(out)
+    asked = first if posts(first) else second
+    assert (doc["protocol"], doc["model"]) == ("pc", "phi4-quantized")
+    assert doc["stats"]["server"] == asked.base_url
+
+
 def test_json_after_ctrl_c_mid_stream_keeps_protocol_model_and_counts(test_db_url, tmp_path):
     answer = "one two three four five six seven eight nine ten eleven twelve"
     with FakeOpenAIServer(answer=answer, owned_by="vllm", usage_in_stream=False, piece_delay=0.3) as srv:
