@@ -171,21 +171,22 @@ def run_question(
     # and has the rest counted without transferring them: memory follows the prompt, not
     # --max-rows. The connection goes back to the pool (idle, no open transaction) before the
     # model is asked.
-    with shared_database(settings).stream_rows(q.query, q.params, max_rows=q.fetch_rows) as stream:
-        run.columns = stream.columns
-        rows = _RecordedRows(stream, run.rows)
+    # (Named row_stream: ``stream`` is the caller's choice of a streamed answer, used below.)
+    with shared_database(settings).stream_rows(q.query, q.params, max_rows=q.fetch_rows) as row_stream:
+        run.columns = row_stream.columns
+        rows = _RecordedRows(row_stream, run.rows)
         if not rows.peek():
             run.db_time = round(time.perf_counter() - started, 3)
             logger.info("Query returned no rows; nothing sent to the model")
             return run
         prompt = run.prompt = prompt_builder.build_prompt(
-            {"query": q.query, "results": rows, "columns": stream.columns}, q.template, q.context,
+            {"query": q.query, "results": rows, "columns": row_stream.columns}, q.template, q.context,
             data_format=q.data_format, max_tokens=q.prompt_tokens, max_chars=q.prompt_chars,
             max_rows=q.prompt_rows, max_cell_chars=q.max_cell_chars,
             context_tokens=settings.model_context_tokens, max_new_tokens=max_new_tokens,
             system_prompt=q.system_prompt,
         )
-        run.more_rows = stream.has_more
+        run.more_rows = row_stream.has_more
     run.db_time = round(time.perf_counter() - started, 3)
     at_least = "" if prompt.rows_total_exact and not run.more_rows else "at least "
     logger.info("Query returned %s%d row(s); %d read for the prompt in %.3f s", at_least, prompt.rows_total,

@@ -119,6 +119,20 @@ def test_each_protocol_end_to_end(run, server_factory, stream_flag):
     assert result.stdout == ANSWER + "\n"
     assert f"{srv.protocol}:" in result.stderr and "rows 12/12" in result.stderr
     assert len(posts(srv)) == 1
+    if srv.protocol != "pc":  # the pc server has no streaming endpoint: its body has no "stream"
+        assert posts(srv)[0].json["stream"] is (stream_flag == "--stream")  # --no-stream asks for a whole answer
+
+
+@pytest.mark.parametrize("server_class", [FakeOllamaServer, FakeOpenAIServer], ids=["ollama", "openai"])
+def test_a_trickled_whole_answer_stops_at_the_timeout_with_no_stream(run, server_class):
+    # One byte every 50 ms: never silent for the read timeout, never done. A whole answer must
+    # finish within --timeout; a streamed request would only be bound between pieces.
+    with server_class(answer=ANSWER, trickle=0.05) as srv:
+        result = run("--query", "SELECT 1 AS x", "--no-stream", "--timeout", "0.5", env={"API_BASE_URL": srv.base_url})
+        sent = posts(srv)[0].json
+    assert result.returncode == 5, result.stderr
+    assert "was still sending its answer when API_TIMEOUT=0.5s ran out" in result.stderr
+    assert sent["stream"] is False
 
 
 def test_json_output_parses_back(run):
