@@ -100,8 +100,9 @@ def stream_cut(detail: str, chars: int, *, url: str, **context: Any) -> BadRespo
 def read_too_slow(url: str, status: int, setting: str, value: float, size: int, deadline: bool) -> ModelTimeoutError:
     """A whole answer not read in time: the deadline passed while it arrived, or the server fell silent."""
     if deadline:
-        what = (f"was still sending its answer when {setting}={value:g}s ran out ({size:,} bytes had arrived; "
-                "they were discarded)")
+        arrived = "1 byte had" if size == 1 else f"{size:,} bytes had"
+        what = (f"was still sending its answer when {setting}={value:g}s ran out ({arrived} arrived; "
+                "discarded)")
     else:
         what = f"started answering but then sent nothing for the read timeout of {setting}={value:g}s"
     return timeout_error(setting, value, what, url=url, status=status)
