@@ -211,7 +211,8 @@ def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
         assert run.prompt is not None
         system_prompt = command.question.system_prompt
         text = run.prompt.text if not system_prompt else f"{system_prompt}\n\n{run.prompt.text}"
-        console.progress(f"Dry run: {run.rows_shown:,} of {run.rows_total:,} rows, "
+        total = f"{'at least ' if run.more_rows else ''}{run.rows_total:,}"  # --max-rows stopped the count
+        console.progress(f"Dry run: {run.rows_shown:,} of {total} rows, "
                          f"{len(text):,} chars ~{run.prompt.estimated_tokens:,} tokens; nothing was sent.")
         if command.json:
             document = json_document(run, None)

@@ -135,6 +135,15 @@ def test_a_trickled_whole_answer_stops_at_the_timeout_with_no_stream(run, server
     assert sent["stream"] is False
 
 
+def test_a_row_cap_that_stopped_the_count_says_at_least_on_every_line(run):
+    result = run("--query", "SELECT g FROM generate_series(1, 50) AS g", "--max-rows", "20", "--prompt-rows", "5",
+                 "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "(showing 5 of at least 20 rows)" in result.stdout
+    assert "Only 5 of at least 20 rows fit" in result.stderr
+    assert "Dry run: 5 of at least 20 rows," in result.stderr
+
+
 def test_json_output_parses_back(run):
     with FakeOllamaServer(answer=ANSWER) as srv:
         result = run("--query", "SELECT * FROM reviews ORDER BY id", "--json", "--prompt-rows", "5",
