@@ -586,6 +586,25 @@ def test_check_masks_a_password_in_api_base_url_on_every_channel(run, tmp_path, 
         assert "Hunter2-Sentinel" not in channel
 
 
+def test_several_servers_with_passwords_are_masked_on_every_channel(run, tmp_path):
+    with FakeOllamaServer(answer=ANSWER) as up:
+        down = free_port()
+        urls = f"http://ann:Up-Sentinel-1@127.0.0.1:{up.port},http://bob:Down-Sentinel-2@127.0.0.1:{down}#slots=2"
+        check = run("--check", "-v", env={"API_BASE_URL": urls, "API_MAX_ATTEMPTS": "1"})
+        flags = run("--check", "--api-url", f"http://cy:Flag-Sentinel-3@127.0.0.1:{down}", "--api-url",
+                    f"http://ann:Up-Sentinel-1@127.0.0.1:{up.port}", env={"API_MAX_ATTEMPTS": "1"})
+        asked = run("--query", "SELECT 1 AS x", "--json", "-v", env={"API_BASE_URL": urls, "API_MAX_ATTEMPTS": "1"})
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert check.returncode == 0 and flags.returncode == 0 and asked.returncode == 0, check.stdout + asked.stderr
+    assert f"http://ann:***@127.0.0.1:{up.port}: ready" in check.stdout
+    assert f"http://bob:***@127.0.0.1:{down}: unreachable" in check.stdout
+    assert f"http://cy:***@127.0.0.1:{down}: unreachable" in flags.stdout
+    assert json.loads(asked.stdout)["stats"]["server"] == f"http://ann:***@127.0.0.1:{up.port}"
+    for channel in (check.stdout, check.stderr, flags.stdout, flags.stderr, asked.stdout, asked.stderr, log):
+        for secret in ("Up-Sentinel-1", "Down-Sentinel-2", "Flag-Sentinel-3"):
+            assert secret not in channel
+
+
 def test_percent_in_a_comment_with_parameters(run):
     result = run("--query", "SELECT name FROM customers -- 50% of them?\nWHERE city = %(city)s ORDER BY id",
                  "--param", "city=부산", "--dry-run")
