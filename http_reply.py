@@ -168,14 +168,14 @@ class Reply:
         length = self.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
             self.close()
-            raise self._too_big(f"announced {int(length):,} bytes")
+            raise self._too_big(int(length))
         parts: list[bytes] = []
         size = 0
         try:
             for chunk in self._chunks(65536):
                 size += len(chunk)
                 if size > limit:
-                    raise self._too_big(f"sent more than {limit:,} bytes")
+                    raise self._too_big()
                 parts.append(chunk)
         except _DeadlinePassed:
             self.close()
@@ -228,8 +228,8 @@ class Reply:
 
     # --- errors ---
 
-    def _too_big(self, what: str) -> ModelAPIError:
-        return transport_errors.too_big(self.url, self.status, what, self._options.max_response_bytes)
+    def _too_big(self, announced: int | None = None) -> ModelAPIError:
+        return transport_errors.too_big(self.url, self.status, self._options.max_response_bytes, announced)
 
     def _read_failure(self, exc: BaseException | None, size: int = 0) -> ModelAPIError:
         """The whole-body read failed: the deadline passed (``exc`` None), silence, or a broken connection."""

@@ -54,11 +54,13 @@ def disconnected(url: str, detail: str) -> ModelDisconnectedError:
     )
 
 
-def too_big(url: str, status: int, what: str, limit: int) -> BadResponseError:
-    """A whole answer over ``API_MAX_RESPONSE_BYTES`` (``what``: "announced N bytes" ...)."""
+def too_big(url: str, status: int, limit: int, announced: int | None = None) -> BadResponseError:
+    """A whole answer over ``API_MAX_RESPONSE_BYTES``: announced by its Content-Length, or found while reading."""
+    what = (f"it announced {announced:,} bytes, more than API_MAX_RESPONSE_BYTES={limit:,} accepts; it was not read"
+            if announced is not None else
+            f"it went past API_MAX_RESPONSE_BYTES={limit:,} bytes; what had arrived was discarded, the rest not read")
     return BadResponseError(
-        f"The answer from {url} is too large: it {what}, more than API_MAX_RESPONSE_BYTES={limit:,} accepts; "
-        "it was not read.",
+        f"The answer from {url} is too large: {what}.",
         hint="Raise API_MAX_RESPONSE_BYTES if answers this large are expected, or lower MAX_NEW_TOKENS.",
         url=url, status=status,
     )

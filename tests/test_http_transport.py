@@ -315,7 +315,7 @@ def test_stream_silence_longer_than_the_read_timeout_is_a_timeout_with_partial_t
 # --- size caps and the line splitter ---
 
 
-@pytest.mark.parametrize("byte_chunks, how", [(False, "announced"), (True, "sent more than")],
+@pytest.mark.parametrize("byte_chunks, how", [(False, "announced 2,"), (True, "went past API_MAX_RESPONSE_BYTES")],
                          ids=["content-length", "chunked"])
 def test_a_body_over_the_size_cap_is_refused(byte_chunks, how):
     with FakeOllamaServer(answer="abc " * 700, byte_chunks=byte_chunks) as srv:
