@@ -144,6 +144,13 @@ def test_a_row_cap_that_stopped_the_count_says_at_least_on_every_line(run):
     assert "Dry run: 5 of at least 20 rows," in result.stderr
 
 
+def test_csv_dry_run_shows_control_characters_from_the_data_escaped(run):
+    result = run("--query", "SELECT E'a\\x1b[31mred\\x07bell\\x7f' AS v, 2 AS n", "--format", "csv", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "v,n\na\\x1b[31mred\\x07bell\\x7f,2\n" in result.stdout  # visible, as in the other formats
+    assert not set("\x1b\x07\x7f") & set(result.stdout + result.stderr)  # nothing raw reaches the terminal
+
+
 def test_json_output_parses_back(run):
     with FakeOllamaServer(answer=ANSWER) as srv:
         result = run("--query", "SELECT * FROM reviews ORDER BY id", "--json", "--prompt-rows", "5",
