@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets as random_names
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
@@ -72,14 +73,29 @@ class MaskedStream:
 def check_output_path(path: str) -> None:
     """Fail now, as a usage error, if ``--output FILE`` could not be written after the run.
 
-    Raises UsageError when FILE is a directory, its directory does not exist, or that
-    directory is not writable (the answer is written there through a temporary file).
+    Raises UsageError when FILE is a directory, its directory does not exist (or is a file), or
+    a file cannot be created there (not writable, a name too long, a read-only file system): the
+    answer is written beside FILE through a temporary file, and creating one now proves it can be.
+    An existing device or pipe (``/dev/stdout``) is written in place and needs no such check.
     """
     target = Path(path)
-    directory = target.parent
-    if target.is_dir():
+    try:
+        info: os.stat_result | None = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    except OSError as exc:  # e.g. a name too long
+        raise UsageError(f"--output {path} cannot be written: {exc.strerror or exc}.",
+                         hint="Fix: choose another file name or directory.") from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
         raise UsageError(f"--output {path} is a directory.",
                          hint=f"Fix: name a file, e.g. --output {target / 'answer.txt'}")
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        return
+    target = _real_target(target)
+    directory = target.parent
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--output {path}: {directory} is a file, not a directory.",
+                         hint="Fix: choose a file in an existing directory.")
     if not directory.is_dir():
         raise UsageError(
             f"--output {path}: the directory {directory} does not exist.",
@@ -88,19 +104,45 @@ def check_output_path(path: str) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError(f"--output {path}: the directory {directory} is not writable.",
                          hint="Fix: choose a file in a directory you may write to.")
+    _check_creatable(path, target)
+
+
+def _check_creatable(path: str, target: Path) -> None:
+    """Raise UsageError unless a file can be created beside ``target`` (a name too long for the file
+    system fails earlier, when FILE is looked up)."""
+    try:
+        fd, tmp = _create_temporary(target)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UsageError(f"--output {path} cannot be written: {exc.strerror or exc}.",
+                         hint="Fix: choose another file name or directory.") from None
+
+
+def _real_target(target: Path) -> Path:
+    """The file a link points to (replacing it keeps the link), else the path as given."""
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
 def write_atomically(path: str, text: str) -> None:
     """Write UTF-8 text so that an interruption never leaves a half-written file.
 
-    Replacing an existing file keeps that file's permission bits. A new file gets the mode any
-    program's new file gets (0666 less the umask, e.g. 0644), as with shell redirection.
+    Replacing an existing file keeps that file's permission bits; a symbolic link keeps pointing
+    at the file, which gets the new text. A new file gets the mode any program's new file gets
+    (0666 less the umask, e.g. 0644), as with shell redirection. Raises OSError.
     """
-    target = Path(path)
     try:
-        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+        info: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
-        mode = None
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        # A device or pipe (/dev/stdout, /dev/null, a FIFO): renaming a file over it would
+        # replace the device itself, so it is written in place.
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        return
+    target = _real_target(Path(path))
+    mode = stat.S_IMODE(info.st_mode) if info is not None else None
     fd, tmp = _create_temporary(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
@@ -121,8 +163,11 @@ def write_atomically(path: str, text: str) -> None:
 def _create_temporary(target: Path) -> tuple[int, str]:
     """A new hidden file beside ``target``, created 0666 less the umask (the kernel applies it)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    # At most 200 bytes of the name: with the dot, the random part and ".tmp" it stays within the
+    # 255 bytes file systems allow, whenever the target's own name does.
+    stem = os.fsencode(target.name)[:200].decode(sys.getfilesystemencoding(), "ignore")
     for _ in range(100):
-        tmp = str(target.parent / f".{target.name}.{random_names.token_hex(4)}.tmp")
+        tmp = str(target.parent / f".{stem}.{random_names.token_hex(4)}.tmp")
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import selectors
 import threading
 import time
@@ -255,7 +256,8 @@ def _is_permanent(message: str) -> bool:
     text = message.lower()
     if "temporary failure in name resolution" in text:
         return False
-    return any(fragment in text for fragment in _PERMANENT_CONNECT_ERRORS)
+    # libpq's check of an option's value, e.g. 'invalid sslmode value: "bogus"' from a DATABASE_URL.
+    return any(fragment in text for fragment in _PERMANENT_CONNECT_ERRORS) or bool(re.search(r"invalid \w+ value", text))
 
 
 def _caster(base: Any, name: str) -> Any:

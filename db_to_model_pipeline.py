@@ -81,6 +81,7 @@ class _Console:
 
     def __init__(self, stdin: TextIO, stdout: TextIO, stderr: MaskedStream, quiet: bool) -> None:
         self.stdin, self.out, self.err, self.quiet = stdin, stdout, stderr, quiet
+        self.save_failed = False  # --output could not be written at the end: the run exits 2
 
     def progress(self, message: str) -> None:
         if not self.quiet:
@@ -92,7 +93,17 @@ class _Console:
         self.out.write(text if text.endswith("\n") else text + "\n")
         self.out.flush()
         if output:
+            self.save(output, text)
+
+    def save(self, output: str, text: str) -> None:
+        """Write --output (checked before the run); a failure now (a full disk) is reported, not raised."""
+        try:
             write_atomically(output, text)
+        except OSError as exc:
+            self.save_failed = True
+            logger.error("Could not write --output %s: %s", output, exc, extra={"file_only": True})
+            self.err.write(f"Error [USAGE_ERROR]: could not write --output {output}: {exc.strerror or exc}; "
+                           "the result was printed on stdout only.\n")
 
     def emit_json(self, document: dict[str, Any], output: str | None) -> None:
         self.emit(json.dumps(document, ensure_ascii=False, indent=2), output)
@@ -130,10 +141,10 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
             return run_per_row(args, settings, console)
         command = prepare(args, settings, console.stdin, console.out.isatty())
         if mr_cli.wanted(args):  # one question over every row, in several calls: reported by mr_cli
-            return mr_cli.run_and_report(args, command, console)
+            return _saved(mr_cli.run_and_report(args, command, console), console)
         run = RunResult(command.question.query)
         _run(command, run, console)
-        return _report(command, run, console)
+        return _saved(_report(command, run, console), console)
     except (KeyboardInterrupt, PipelineError) as exc:
         try:
             return _report_failure(exc, args, run, console)
@@ -141,6 +152,11 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
             return _report_bug(report_error, args, console)
     except Exception as exc:  # noqa: BLE001 - a bug: report it, with the traceback in the log
         return _report_bug(exc, args, console)
+
+
+def _saved(code: ExitCode, console: _Console) -> ExitCode:
+    """A finished run whose --output could not be written exits 2 (the result went to stdout)."""
+    return ExitCode.USAGE if code == ExitCode.OK and console.save_failed else code
 
 
 def _report_bug(error: Exception, args: argparse.Namespace, console: _Console) -> ExitCode:
@@ -212,7 +228,8 @@ def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
         assert run.prompt is not None
         system_prompt = command.question.system_prompt
         text = run.prompt.text if not system_prompt else f"{system_prompt}\n\n{run.prompt.text}"
-        console.progress(f"Dry run: {run.rows_shown:,} of {run.rows_total:,} rows, "
+        total = f"{'at least ' if run.more_rows else ''}{run.rows_total:,}"  # --max-rows stopped the count
+        console.progress(f"Dry run: {run.rows_shown:,} of {total} rows, "
                          f"{len(text):,} chars ~{run.prompt.estimated_tokens:,} tokens; nothing was sent.")
         if command.json:
             document = json_document(run, None)
@@ -229,7 +246,7 @@ def _report(command: Command, run: RunResult, console: _Console) -> ExitCode:
         if not answer.endswith("\n"):
             console.out.write("\n")
         if command.output:
-            write_atomically(command.output, answer)
+            console.save(command.output, answer)
     else:
         console.emit(answer, command.output)
     summary = format_stats(run.stats())

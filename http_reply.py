@@ -74,6 +74,10 @@ def connect_reason(exc: BaseException) -> str:
     return shorten(text, 160)
 
 
+class _DeadlinePassed(Exception):
+    """Internal: the answer's deadline passed before the next read (turned into the timeout error)."""
+
+
 class Reply:
     """A response from the server: status and headers at once, the body read on demand.
 
@@ -118,16 +122,43 @@ class Reply:
     def _chunks(self, size: int) -> Iterator[bytes]:
         """The body's bytes as they arrive. A chunked body comes chunk by chunk; any other body
         (no length, ended by closing the connection) through ``read1``, which returns what has
-        arrived instead of waiting for a full block."""
+        arrived instead of waiting for a full block. Each read waits at most until the deadline."""
         raw = self._response.raw
         if raw.chunked and raw.supports_chunked_reads():
-            yield from raw.read_chunked(size, decode_content=True)
-            return
+            pieces = raw.read_chunked(size, decode_content=True)
+            while True:
+                self._bound_next_wait()
+                data = next(pieces, None)
+                if data is None:
+                    return
+                yield data
         while True:
+            self._bound_next_wait()
             data = raw.read1(size, decode_content=True)
             if not data:
                 return
             yield data
+
+    def _bound_next_wait(self) -> None:
+        """Let the next socket read wait no longer than the deadline leaves.
+
+        The socket's timeout is the read timeout, the longest silence allowed; checked only
+        as data arrives, a deadline could be overrun by one whole read timeout (a server
+        sending a byte just before each timeout took twice API_TIMEOUT). Raises the deadline's
+        error once it has passed.
+        """
+        if self._deadline is None:
+            return
+        left = self._deadline - self._clock()
+        if left <= 0:
+            raise _DeadlinePassed()
+        connection = getattr(self._response.raw, "connection", None)  # urllib3's HTTPConnection
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(min(self._timeout_setting[1], left))
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline - 0.001
 
     def read(self) -> bytes:
         """The whole body, within the deadline and ``API_MAX_RESPONSE_BYTES``."""
@@ -137,19 +168,22 @@ class Reply:
         length = self.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
             self.close()
-            raise self._too_big(f"announced {int(length):,} bytes")
+            raise self._too_big(int(length))
         parts: list[bytes] = []
         size = 0
         try:
             for chunk in self._chunks(65536):
                 size += len(chunk)
                 if size > limit:
-                    raise self._too_big(f"sent more than {limit:,} bytes")
+                    raise self._too_big()
                 parts.append(chunk)
-                if self._deadline is not None and self._clock() > self._deadline:
-                    raise self._read_failure(None, size)
+        except _DeadlinePassed:
+            self.close()
+            raise self._read_failure(None, size) from None
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             self.close()
+            if read_timed_out(exc) and self._past_deadline():
+                raise self._read_failure(None, size) from exc
             raise self._read_failure(exc) from exc
         except BaseException:
             self.close()
@@ -171,17 +205,22 @@ class Reply:
         def too_long(size: int) -> ModelAPIError:
             return transport_errors.line_too_long(max_line, size, **context())
 
+        def too_slow() -> ModelAPIError:
+            return transport_errors.stream_too_long(self._options.stream_max_seconds,
+                                                    len(context().get("partial_text", "")), **context())
+
         splitter = LineSplitter(max_line, too_long)
         try:
             for chunk in self._chunks(8192):
                 yield from map(decode, splitter.feed(chunk))
-                if self._deadline is not None and self._clock() > self._deadline:
-                    raise transport_errors.stream_too_long(self._options.stream_max_seconds,
-                                                           len(context().get("partial_text", "")), **context())
             rest = splitter.finish()
             if rest.strip():
                 yield decode(rest)
+        except _DeadlinePassed:
+            raise too_slow() from None
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            if read_timed_out(exc) and self._past_deadline():
+                raise too_slow() from exc
             if read_timed_out(exc):
                 raise transport_errors.stream_silent(self._options.read_timeout, **context()) from exc
             raise transport_errors.stream_cut(str(exc), len(context().get("partial_text", "")),
@@ -189,8 +228,8 @@ class Reply:
 
     # --- errors ---
 
-    def _too_big(self, what: str) -> ModelAPIError:
-        return transport_errors.too_big(self.url, self.status, what, self._options.max_response_bytes)
+    def _too_big(self, announced: int | None = None) -> ModelAPIError:
+        return transport_errors.too_big(self.url, self.status, self._options.max_response_bytes, announced)
 
     def _read_failure(self, exc: BaseException | None, size: int = 0) -> ModelAPIError:
         """The whole-body read failed: the deadline passed (``exc`` None), silence, or a broken connection."""

@@ -222,7 +222,11 @@ class PostgresUrl(Parser):
         # libpq rejects a % that does not start a two-digit hex escape, and %00.
         if re.search(r"%(?![0-9A-Fa-f]{2})|%00", value):
             raise ValueError("a URL whose % signs start two-digit hex escapes (write a % in a password as %25)")
-        hosts = urlsplit(value).netloc.rpartition("@")[2]
+        try:
+            netloc = urlsplit(value).netloc
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed [
+            raise ValueError(f"a valid URL ({exc}), such as postgresql://user:password@localhost:5432/dbname") from None
+        hosts = netloc.rpartition("@")[2]
         for host in hosts.split(","):  # libpq accepts several host[:port], comma-separated
             port = host.rpartition("]")[2] if host.startswith("[") else host
             port = port.rpartition(":")[2] if ":" in port else ""

@@ -54,11 +54,13 @@ def disconnected(url: str, detail: str) -> ModelDisconnectedError:
     )
 
 
-def too_big(url: str, status: int, what: str, limit: int) -> BadResponseError:
-    """A whole answer over ``API_MAX_RESPONSE_BYTES`` (``what``: "announced N bytes" ...)."""
+def too_big(url: str, status: int, limit: int, announced: int | None = None) -> BadResponseError:
+    """A whole answer over ``API_MAX_RESPONSE_BYTES``: announced by its Content-Length, or found while reading."""
+    what = (f"it announced {announced:,} bytes, more than API_MAX_RESPONSE_BYTES={limit:,} accepts; it was not read"
+            if announced is not None else
+            f"it went past API_MAX_RESPONSE_BYTES={limit:,} bytes; what had arrived was discarded, the rest not read")
     return BadResponseError(
-        f"The answer from {url} is too large: it {what}, more than API_MAX_RESPONSE_BYTES={limit:,} accepts; "
-        "it was not read.",
+        f"The answer from {url} is too large: {what}.",
         hint="Raise API_MAX_RESPONSE_BYTES if answers this large are expected, or lower MAX_NEW_TOKENS.",
         url=url, status=status,
     )
@@ -100,8 +102,9 @@ def stream_cut(detail: str, chars: int, *, url: str, **context: Any) -> BadRespo
 def read_too_slow(url: str, status: int, setting: str, value: float, size: int, deadline: bool) -> ModelTimeoutError:
     """A whole answer not read in time: the deadline passed while it arrived, or the server fell silent."""
     if deadline:
-        what = (f"was still sending its answer when {setting}={value:g}s ran out ({size:,} bytes had arrived; "
-                "they were discarded)")
+        arrived = "1 byte had" if size == 1 else f"{size:,} bytes had"
+        what = (f"was still sending its answer when {setting}={value:g}s ran out ({arrived} arrived; "
+                "discarded)")
     else:
         what = f"started answering but then sent nothing for the read timeout of {setting}={value:g}s"
     return timeout_error(setting, value, what, url=url, status=status)

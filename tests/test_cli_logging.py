@@ -136,7 +136,7 @@ def test_concurrent_command_runs_share_the_log_file_at_its_rotation_point(test_d
         subprocess.Popen([sys.executable, str(REPO_ROOT / "db_to_model_pipeline.py"), "--query",
                           f"SELECT {n} AS run", "--dry-run", "--quiet"], cwd=tmp_path, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for n in range(4)
+        for n in range(8)  # the eight runs
     ]
     for proc in procs:
         assert proc.wait(timeout=60) == 0, proc.stderr.read()

@@ -314,6 +314,14 @@ def test_permanent_connect_errors_are_not_retried(admin_url):
     assert time.perf_counter() - started < 0.5
 
 
+def test_a_bad_connection_option_in_the_url_is_not_retried(test_db_url):
+    sleeps: list[float] = []
+    settings = make_settings(test_db_url + "?sslmode=bogus", DB_CONNECT_RETRIES=3)
+    with pytest.raises(DBConnectionError, match='invalid sslmode value: "bogus"') as info:
+        Database(settings, sleep=sleeps.append).execute_query("SELECT 1")
+    assert sleeps == [] and "attempts" not in str(info.value)  # one attempt, no backoff
+
+
 def test_db_settings_message_names_the_db_variables_without_password():
     settings = __import__("config").load_settings(
         {"DB_HOST": "127.0.0.1", "DB_PORT": free_port(), "DB_NAME": "shop", "DB_USER": "bob",

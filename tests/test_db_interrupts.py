@@ -128,6 +128,7 @@ def test_cli_signal_during_a_query_cancels_it_on_the_server(test_db_url, admin_c
         ("postgresql://alice:S3cr3t@db.example:99999/shop", "DATABASE_URL must be a URL whose port is a number"),
         ("postgresql://alice:S3cr3t%zz@db.example/shop", "DATABASE_URL must be a URL whose % signs start"),
         ("postgresql://alice:S3cr3t100%@db.example/shop", "write a % in a password as %25"),
+        ("postgresql://alice:S3cr3t@[::1/shop", "DATABASE_URL must be a valid URL (Invalid IPv6 URL), such as"),
     ],
 )
 def test_bad_database_url_is_a_config_error(url, message):

@@ -87,9 +87,18 @@ def test_streaming_a_large_result_does_not_accumulate_rows(db):
 
 
 def test_stream_refuses_writes_before_borrowing_a_connection(db, admin_conn):
+    def our_backends() -> set[int]:
+        with admin_conn.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'db_to_model_pipeline' "
+                        "AND datname = current_database()")
+            return {row[0] for row in cur.fetchall()}
+
+    # Compared with the backends before: on a loaded machine an earlier test's closed connection
+    # may still be listed for a moment (it only ever leaves the list).
+    before = our_backends()
     with pytest.raises(ReadOnlyViolation):
         db.stream_rows("DELETE FROM audit")
-    assert _our_states(admin_conn) == []  # never connected
+    assert our_backends() <= before  # never connected
 
 
 def test_closing_early_rolls_back_and_reuses_the_connection(db, admin_conn):

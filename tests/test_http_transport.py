@@ -258,6 +258,29 @@ def test_a_trickling_answer_fails_at_the_total_deadline():
     assert generations == 1
 
 
+def test_the_total_deadline_is_not_overrun_by_a_byte_sent_just_before_each_read_timeout():
+    # A byte every 2 s against API_TIMEOUT=2.5: the read timeout never fires, and a deadline
+    # checked only as bytes arrive would wait for the second byte (at 4 s): 1.6x the setting,
+    # up to 2x. Each read now waits only as long as the deadline leaves: it stops at 2.5 s.
+    with FakePCServer(trickle=2.0) as srv:
+        client = make_client(srv.base_url, API_PROTOCOL="pc", API_TIMEOUT=2.5)
+        error, elapsed = timed(client.generate, "질문")
+    assert isinstance(error, ModelTimeoutError)
+    assert "still sending its answer when API_TIMEOUT=2.5s ran out (1 byte had arrived" in str(error)
+    assert elapsed < 10  # ~2.5 s; the byte count above is what tells the two behaviours apart
+
+
+def test_a_stream_stops_at_its_total_limit_even_while_waiting_for_the_next_piece():
+    # Pieces at 0, 2, 4 ... s; API_STREAM_MAX_SECONDS=3 ends the stream at 3 s, while it waits
+    # for the third piece (checked only as pieces arrive, it ran to 4 s and took that piece too).
+    with FakeOpenAIServer(answer="one two three four five", piece_delay=2.0) as srv:
+        client = make_client(srv.base_url, API_TIMEOUT=2.5, API_STREAM_MAX_SECONDS=3)
+        (pieces, _, error), elapsed = timed(drain, client.stream("질문"))
+    assert isinstance(error, ModelTimeoutError) and "API_STREAM_MAX_SECONDS=3s" in str(error)
+    assert pieces == ["one ", "two "] and error.partial_text == "one two "
+    assert elapsed < 10
+
+
 def test_a_stream_keeps_going_past_the_read_timeout_between_pieces():
     answer = "one two three four five six seven eight"
     with FakeOpenAIServer(answer=answer, piece_delay=0.1) as srv:
@@ -292,7 +315,7 @@ def test_stream_silence_longer_than_the_read_timeout_is_a_timeout_with_partial_t
 # --- size caps and the line splitter ---
 
 
-@pytest.mark.parametrize("byte_chunks, how", [(False, "announced"), (True, "sent more than")],
+@pytest.mark.parametrize("byte_chunks, how", [(False, "announced 2,"), (True, "went past API_MAX_RESPONSE_BYTES")],
                          ids=["content-length", "chunked"])
 def test_a_body_over_the_size_cap_is_refused(byte_chunks, how):
     with FakeOllamaServer(answer="abc " * 700, byte_chunks=byte_chunks) as srv:

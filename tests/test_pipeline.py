@@ -131,6 +131,34 @@ def test_json_without_stream_waits_for_the_whole_answer(run, protocol_server):
     assert posts(srv)[0].json["stream"] is False and json.loads(result.stdout)["answer"] == ANSWER
 
 
+@pytest.mark.parametrize("server_class", [FakeOllamaServer, FakeOpenAIServer], ids=["ollama", "openai"])
+def test_a_trickled_whole_answer_stops_at_the_timeout_with_no_stream(run, server_class):
+    # One byte every 50 ms: never silent for the read timeout, never done. A whole answer must
+    # finish within --timeout; a streamed request would only be bound between pieces.
+    with server_class(answer=ANSWER, trickle=0.05) as srv:
+        result = run("--query", "SELECT 1 AS x", "--no-stream", "--timeout", "0.5", env={"API_BASE_URL": srv.base_url})
+        sent = posts(srv)[0].json
+    assert result.returncode == 5, result.stderr
+    assert "was still sending its answer when API_TIMEOUT=0.5s ran out" in result.stderr
+    assert sent["stream"] is False
+
+
+def test_a_row_cap_that_stopped_the_count_says_at_least_on_every_line(run):
+    result = run("--query", "SELECT g FROM generate_series(1, 50) AS g", "--max-rows", "20", "--prompt-rows", "5",
+                 "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "(showing 5 of at least 20 rows)" in result.stdout
+    assert "Only 5 of at least 20 rows fit" in result.stderr
+    assert "Dry run: 5 of at least 20 rows," in result.stderr
+
+
+def test_csv_dry_run_shows_control_characters_from_the_data_escaped(run):
+    result = run("--query", "SELECT E'a\\x1b[31mred\\x07bell\\x7f' AS v, 2 AS n", "--format", "csv", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "v,n\na\\x1b[31mred\\x07bell\\x7f,2\n" in result.stdout  # visible, as in the other formats
+    assert not set("\x1b\x07\x7f") & set(result.stdout + result.stderr)  # nothing raw reaches the terminal
+
+
 def test_json_output_parses_back(run):
     with FakeOllamaServer(answer=ANSWER) as srv:
         result = run("--query", "SELECT * FROM reviews ORDER BY id", "--json", "--prompt-rows", "5",
@@ -493,7 +521,8 @@ def test_sigterm_keeps_the_partial_answer_and_exits_143(test_db_url, tmp_path):
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 143, err
     doc = json.loads(out)
-    assert doc["complete"] is False and doc["answer"].startswith("one two")
+    # Two pieces were sent; on a loaded machine the client may have read only the first.
+    assert doc["complete"] is False and doc["answer"].startswith("one ")
     assert doc["ok"] is False and doc["error"]["code"] == "TERMINATED"
     assert doc["rows_shown"] == 1 and doc["query"] == "SELECT 1 AS x"
     assert "Terminated." in err and "Traceback" not in err
@@ -573,6 +602,25 @@ def test_check_masks_a_password_in_api_base_url_on_every_channel(run, tmp_path, 
         assert f"bob:***@127.0.0.1:{port}" in channel
     for channel in (result.stdout, result.stderr, log):
         assert "Hunter2-Sentinel" not in channel
+
+
+def test_several_servers_with_passwords_are_masked_on_every_channel(run, tmp_path):
+    with FakeOllamaServer(answer=ANSWER) as up:
+        down = free_port()
+        urls = f"http://ann:Up-Sentinel-1@127.0.0.1:{up.port},http://bob:Down-Sentinel-2@127.0.0.1:{down}#slots=2"
+        check = run("--check", "-v", env={"API_BASE_URL": urls, "API_MAX_ATTEMPTS": "1"})
+        flags = run("--check", "--api-url", f"http://cy:Flag-Sentinel-3@127.0.0.1:{down}", "--api-url",
+                    f"http://ann:Up-Sentinel-1@127.0.0.1:{up.port}", env={"API_MAX_ATTEMPTS": "1"})
+        asked = run("--query", "SELECT 1 AS x", "--json", "-v", env={"API_BASE_URL": urls, "API_MAX_ATTEMPTS": "1"})
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert check.returncode == 0 and flags.returncode == 0 and asked.returncode == 0, check.stdout + asked.stderr
+    assert f"http://ann:***@127.0.0.1:{up.port}: ready" in check.stdout
+    assert f"http://bob:***@127.0.0.1:{down}: unreachable" in check.stdout
+    assert f"http://cy:***@127.0.0.1:{down}: unreachable" in flags.stdout
+    assert json.loads(asked.stdout)["stats"]["server"] == f"http://ann:***@127.0.0.1:{up.port}"
+    for channel in (check.stdout, check.stderr, flags.stdout, flags.stderr, asked.stdout, asked.stderr, log):
+        for secret in ("Up-Sentinel-1", "Down-Sentinel-2", "Flag-Sentinel-3"):
+            assert secret not in channel
 
 
 def test_percent_in_a_comment_with_parameters(run):
