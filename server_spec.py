@@ -46,7 +46,7 @@ class SpecProblem(ValueError):
     """A server address that cannot be used: the message is a whole sentence with the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServerSpec:
     """One configured model server.
 
@@ -64,6 +64,12 @@ class ServerSpec:
     def display(self) -> str:
         """The URL fit to print or log: any password masked."""
         return mask_url_password(self.url)
+
+    def __repr__(self) -> str:  # a spec ends up in tracebacks and debug logs: never with its password
+        fields = ", ".join(f"{name}={value!r}" for name, value in (
+            ("url", self.display), ("slots", self.slots), ("model", self.model), ("protocol", self.protocol),
+            ("ca_bundle", self.ca_bundle)))
+        return f"ServerSpec({fields})"
 
     def text(self) -> str:
         """The spec written back as a user would write it (fragment included, password masked)."""
