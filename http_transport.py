@@ -141,7 +141,7 @@ class HttpTransport:
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
         warning = link_safety.credential_warning(self.base_url, bool(self.options.api_key))
-        if warning:  # once per transport: a run builds one per server
+        if warning and link_safety.first_time(warning):  # once per run and server (--check says it itself)
             logger.warning("%s%s", warning[0].upper(), warning[1:])
 
     # --- sessions ---
