@@ -33,12 +33,14 @@ FRAGMENT_PROTOCOLS = ("pc", "ollama", "openai")
 FRAGMENT_KEYS = ("slots", "model", "protocol", "ca")
 FRAGMENT_SYNTAX = "slots=N, model=NAME, protocol=pc|ollama|openai, ca=PATH, joined by &"
 
-# Paths of the endpoints the client calls itself: a URL ending in one is an endpoint, not a base URL.
-# Longest first, so that /v1/chat/completions wins over /chat/completions.
+# Paths of the servers' endpoints and pages (the ones the client calls itself, health checks, the
+# pc server's API page): a URL ending in one is not a base URL. Longest first, so that
+# /v1/chat/completions wins over /chat/completions and /api/health over /health.
 ENDPOINT_PATHS = tuple(sorted((
     "/api/generate", "/api/chat", "/api/tags", "/api/version", "/api/health", "/api/show", "/api/ps",
     "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings",
-    "/chat/completions", "/completions", "/completion", "/props", "/slots", "/openapi.json",
+    "/chat/completions", "/completions", "/completion", "/props", "/slots", "/openapi.json", "/health",
+    "/metrics", "/docs", "/redoc",
 ), key=len, reverse=True))
 
 
@@ -110,6 +112,9 @@ def parse_server(text: str, where: str = "") -> ServerSpec:
     url = url_part.strip().rstrip("/")
     _check_url(url, where)
     shown = mask_url_password(url)
+    if "#" in fragment:
+        raise SpecProblem(f"the server {shown}{where} has a second '#': the settings after the first are joined by "
+                          f"'&', not by another '#': write {shown}#{fragment.replace('#', '&')}")
     settings = _parse_fragment(fragment, shown, where)
     return ServerSpec(url=url, **settings)
 
