@@ -43,8 +43,8 @@ import tls
 import transport_errors
 from errors import ModelConnectionError, ModelTimeoutError
 from http_bodies import decode, shorten
-from masking import mask_url_password
 from http_reply import Reply, connect_phase, connect_reason, read_timed_out, tls_cause  # noqa: F401
+from masking import mask_url_password
 from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, backoff
 
 # Re-exported: callers import these from here.

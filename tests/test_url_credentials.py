@@ -9,14 +9,14 @@ import threading
 from typing import Iterator
 
 import pytest
-
-import config
-import model_api_client
-from errors import PipelineError
 from fake_ollama_server import FakeOllamaServer
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port
 from model_clients import make_server, settings_for
+
+import config
+import model_api_client
+from errors import PipelineError
 from server_client import transport_options
 from server_pool import ModelServerPool
 
