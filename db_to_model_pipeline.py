@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TextIO
 
 import config
+import link_safety
 import mr_cli
 from cli_args import EPILOG, Command, build_parser, parse_arguments, prepare, setting_overrides
 from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command_logging, setup_logging
@@ -112,6 +113,7 @@ class _Console:
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Run the command line; return the exit code (never raises, never calls sys.exit)."""
+    link_safety.new_run()  # each run warns once about credentials in clear, also a second run in this process
     err = MaskedStream(stderr or sys.stderr)
     out = stdout or sys.stdout
     args = parse_arguments(argv, out, err)

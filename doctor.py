@@ -163,8 +163,10 @@ def _check_link(url: str, ca_bundle: str | None, own_bundle: bool, settings: Set
     import link_safety  # pure; the resolver waits at most a second for DNS
 
     shown = config.mask_url_password(url)
-    for warning in (link_safety.credential_warning(url, bool(settings.api_key)),
-                    link_safety.public_address_warning(url, link_safety.bounded_resolver(1.0))):
+    credentials = link_safety.credential_warning(url, bool(settings.api_key))
+    if credentials:
+        link_safety.first_time(credentials)  # said here: the server's check below does not say it again on stderr
+    for warning in (credentials, link_safety.public_address_warning(url, link_safety.bounded_resolver(1.0))):
         if warning:
             detail, _, fix = warning.partition(" Fix: ")
             report.line(None, "link", detail, "Fix: " + fix if fix else None)

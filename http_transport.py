@@ -44,6 +44,7 @@ import transport_errors
 from errors import ModelConnectionError, ModelTimeoutError
 from http_bodies import decode, shorten
 from http_reply import Reply, connect_phase, connect_reason, read_timed_out, tls_cause  # noqa: F401
+from masking import mask_url_password
 from retry_policy import GATEWAY_STATUSES, RETRY_STATUSES, backoff
 
 # Re-exported: callers import these from here.
@@ -127,7 +128,10 @@ class HttpTransport:
 
     def __init__(self, base_url: str, options: TransportOptions | None = None, *, sleep: Sleep = time.sleep,
                  clock: Clock = time.monotonic, rand: Callable[[], float] = random.random) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")  # sent as is: a user:password@ in it becomes basic auth
+        # What messages, logs and replies name: a password in the URL never reaches them, whoever
+        # reads them (the command line masks its own output; a script calling us does not).
+        self.display_url = mask_url_password(self.base_url)
         self.options = options or TransportOptions()
         self._sleep = sleep
         self._clock = clock
@@ -137,7 +141,7 @@ class HttpTransport:
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
         warning = link_safety.credential_warning(self.base_url, bool(self.options.api_key))
-        if warning:  # once per transport: a run builds one per server
+        if warning and link_safety.first_time(warning):  # once per run and server (--check says it itself)
             logger.warning("%s%s", warning[0].upper(), warning[1:])
 
     # --- sessions ---
@@ -163,14 +167,14 @@ class HttpTransport:
                               raise_on_status=False)
         retry.pause = self._sleep
         retry.schedule = lambda attempt: options.retry.backoff(attempt, self._rand)
-        retry.target = self.base_url
+        retry.target = self.display_url
         retry.retrying = self._attempt_starts
         # https: verified against the system's CAs, certifi's and the CA bundle; ConfigError for a bad bundle.
         context = tls.trust_context(options.ca_bundle) if self.base_url.lower().startswith("https:") else None
         adapter = _TrustAdapter(context, max_retries=retry)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        logger.debug("Proxy settings from the environment (HTTP_PROXY, NO_PROXY ...) for %s: %s", self.base_url,
+        logger.debug("Proxy settings from the environment (HTTP_PROXY, NO_PROXY ...) for %s: %s", self.display_url,
                      requests.utils.get_environ_proxies(self.base_url) or "none set" if options.use_env_proxy
                      else "ignored; set API_USE_ENV_PROXY=true to use them")
         return session
@@ -217,7 +221,7 @@ class HttpTransport:
         """
         health = method == "GET"
         statuses = frozenset() if health else RETRY_STATUSES
-        url = self.base_url + path
+        url, shown = self.base_url + path, self.display_url + path
         attempts = max(1, attempts or self.options.retry.max_attempts)
         data = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -227,7 +231,7 @@ class HttpTransport:
         attempt = 0
         while True:
             attempt += 1
-            reply = self._send(method, url, data, headers, stream=stream, health=health, attempt=attempt,
+            reply = self._send(method, url, shown, data, headers, stream=stream, health=health, attempt=attempt,
                                attempts=attempts)
             if reply is None:  # a dropped GET: retried like a refused connection
                 self._pause(self.options.retry.backoff(attempt - 1, self._rand))
@@ -241,7 +245,7 @@ class HttpTransport:
             delay, why = wait
             gateway_retries += reply.status in GATEWAY_STATUSES
             logger.warning("%s %s answered %s; attempt %d/%d, retrying in %.1f s (%s)",
-                           method, url, reply.status, attempt, attempts, delay, why)
+                           method, shown, reply.status, attempt, attempts, delay, why)
             reply.close()
             self._pause(delay)
 
@@ -255,10 +259,11 @@ class HttpTransport:
             return (min(o.connect_timeout, o.health_timeout), o.health_timeout)
         return (o.connect_timeout, o.read_timeout)
 
-    def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str], *, stream: bool,
+    def _send(self, method: str, url: str, shown: str, data: bytes | None, headers: dict[str, str], *, stream: bool,
               health: bool, attempt: int, attempts: int) -> Reply | None:
-        """One send (urllib3 retrying the connection); None for a dropped GET worth retrying."""
-        logger.info("%s %s (%d bytes)%s", method, url, len(data or b""), " streaming" if stream else "")
+        """One send of ``url`` (urllib3 retrying the connection); None for a dropped GET worth retrying.
+        ``shown`` is the URL for messages and the reply (its password masked)."""
+        logger.info("%s %s (%d bytes)%s", method, shown, len(data or b""), " streaming" if stream else "")
         if data is not None and logger.isEnabledFor(logging.DEBUG):  # a prompt can be 70 KB
             logger.debug("Request body: %s", shorten(decode(data), 500))
         timeouts = self._timeouts(health)
@@ -267,20 +272,20 @@ class HttpTransport:
         try:
             response = self._request(self._session(connect_retries), method, url, data, headers, timeouts)
         except requests.exceptions.SSLError as exc:  # the handshake failed: nothing was sent
-            raise tls.tls_error(url, tls_cause(exc), self.options.ca_bundle) from exc
+            raise tls.tls_error(shown, tls_cause(exc), self.options.ca_bundle) from exc
         except requests.ConnectionError as exc:
             # ConnectTimeout and ProxyError are ConnectionErrors too; a ReadTimeout is not. A
             # connection dropped after the request was sent may have reached the model: a GET is
             # retried, a POST (a generation) is not.
             if connect_phase(exc):
-                raise self._connection_error(url, exc, connect_retries + 1) from exc
+                raise self._connection_error(shown, exc, connect_retries + 1) from exc
             if method == "GET" and attempt < attempts:
                 return None
-            raise transport_errors.disconnected(url, str(exc)) from exc
+            raise transport_errors.disconnected(shown, str(exc)) from exc
         except requests.Timeout as exc:  # ReadTimeout: the request reached the server
-            raise self._timeout_error(url, health) from exc
+            raise self._timeout_error(shown, health) from exc
         except requests.RequestException as exc:
-            raise ModelConnectionError(f"The request to {url} failed: {shorten(str(exc))}.", url=url) from exc
+            raise ModelConnectionError(f"The request to {shown} failed: {shorten(str(exc))}.", url=shown) from exc
         started = self._local.attempt_started
         if stream and not health:
             limit = self.options.stream_max_seconds
@@ -288,7 +293,7 @@ class HttpTransport:
         else:
             deadline = started + timeouts[1]
         setting = ("API_HEALTH_TIMEOUT", timeouts[1]) if health else ("API_TIMEOUT", timeouts[1])
-        return Reply(response, url=url, attempts=attempt, deadline=deadline, options=self.options,
+        return Reply(response, url=shown, attempts=attempt, deadline=deadline, options=self.options,
                      clock=self._clock, timeout_setting=setting)
 
     @staticmethod
@@ -333,7 +338,7 @@ class HttpTransport:
     def _connection_error(self, url: str, exc: BaseException, attempts: int) -> ModelConnectionError:
         timeout = self.options.connect_timeout if isinstance(exc, requests.ConnectTimeout) else None
         return transport_errors.connection_error(
-            url, self.base_url, connect_reason(exc), attempts=attempts, connect_timeout=timeout,
+            url, self.display_url, connect_reason(exc), attempts=attempts, connect_timeout=timeout,
             proxy_failed=isinstance(exc, requests.exceptions.ProxyError))
 
     def _timeout_error(self, url: str, health: bool) -> ModelTimeoutError:

@@ -10,6 +10,10 @@ Host names are judged without DNS, so a run never waits on a resolver: ``localho
 ``*.localhost``) is loopback; any other name counts as "not this machine" for credentials, and
 is only checked for a public address when a ``resolve`` function is passed (``--check`` passes
 :func:`bounded_resolver`, which gives up after a second). Messages never carry the password.
+
+A run says each warning once, however many clients, pools or checks meet the same server:
+:func:`first_time` remembers what was said until :func:`new_run` (the command calls it as it starts;
+a script's run is its process).
 """
 
 from __future__ import annotations
@@ -28,6 +32,24 @@ PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "::1/128", "fe80::/10", "fc00::/7",
 ))
 SECURING = "the README's 'Securing the link to the PC'"
+
+_said: set[str] = set()
+_said_lock = threading.Lock()
+
+
+def first_time(warning: str) -> bool:
+    """True the first time this run meets ``warning`` (then it is remembered as said)."""
+    with _said_lock:
+        if warning in _said:
+            return False
+        _said.add(warning)
+        return True
+
+
+def new_run() -> None:
+    """Forget which warnings were said: the next run says them again."""
+    with _said_lock:
+        _said.clear()
 
 
 def ip_of(host: str) -> IPAddress | None:

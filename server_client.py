@@ -92,7 +92,8 @@ class ServerClient:
             spec = settings.server_specs()[0]
         self.spec = spec
         self.base_url = normalise_base_url(spec.url)
-        # For stats and reports, which are data a caller may print or save: never a password.
+        # For messages, logs, stats and reports, which a caller may print or save: never a password.
+        # The protocols only ever name the server, so they get this one too.
         self.display_url = config.mask_url_password(self.base_url)
         self.model_name = spec.model or settings.model_name
         self.configured_protocol = spec.protocol or settings.api_protocol
@@ -125,7 +126,7 @@ class ServerClient:
 
     def _make_protocol(self, name: str, kind: str | None) -> Protocol:
         s = self.settings
-        info = ServerInfo(base_url=self.base_url, model_name=self.model_name, model_label=s.model_type,
+        info = ServerInfo(base_url=self.display_url, model_name=self.model_name, model_label=s.model_type,
                           context_tokens=s.model_context_tokens, configured=self.configured_protocol, kind=kind)
         return PROTOCOLS[name](info)
 
@@ -165,8 +166,8 @@ class ServerClient:
     def _detect(self, get: ProbeFn) -> Protocol:
         with self._detect_lock:
             if self._protocol is None:
-                found = detect_protocol(get, self.base_url)
-                logger.info("Detected the %s protocol at %s (%s)", found.protocol, self.base_url, found.kind)
+                found = detect_protocol(get, self.display_url)
+                logger.info("Detected the %s protocol at %s (%s)", found.protocol, self.display_url, found.kind)
                 self._protocol = self._make_protocol(found.protocol, found.kind)
             return self._protocol
 
@@ -186,7 +187,7 @@ class ServerClient:
             model, problem = protocol.match_model(listing)
             if problem or model is None:
                 raise ModelNotLoadedError(problem or "No model to use.", hint=protocol.missing_model_fix(),
-                                          available_models=list(listing.names), url=self.base_url)
+                                          available_models=list(listing.names), url=self.display_url)
             self._model = model
             return model
 
@@ -285,7 +286,7 @@ class ServerClient:
         stats.wall_time = self._clock() - started
         fill_measured(stats, seconds=stats.wall_time)  # a server without timings: the speed as the client saw it
         logger.info("Answer: %d chars, %s tokens in %.2f s (%s at %s)", len(text), stats.generated_tokens,
-                    stats.wall_time, protocol.name, self.base_url)
+                    stats.wall_time, protocol.name, self.display_url)
         return Generation.complete(text, stats)
 
     def _new_stats(self, protocol: Protocol, model: str) -> GenerationStats:
@@ -366,4 +367,4 @@ class ServerClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<ServerClient {self.base_url} {self.protocol or 'protocol unknown'}>"
+        return f"<ServerClient {self.display_url} {self.protocol or 'protocol unknown'}>"

@@ -33,12 +33,14 @@ FRAGMENT_PROTOCOLS = ("pc", "ollama", "openai")
 FRAGMENT_KEYS = ("slots", "model", "protocol", "ca")
 FRAGMENT_SYNTAX = "slots=N, model=NAME, protocol=pc|ollama|openai, ca=PATH, joined by &"
 
-# Paths of the endpoints the client calls itself: a URL ending in one is an endpoint, not a base URL.
-# Longest first, so that /v1/chat/completions wins over /chat/completions.
+# Paths of the servers' endpoints and pages (the ones the client calls itself, health checks, the
+# pc server's API page): a URL ending in one is not a base URL. Longest first, so that
+# /v1/chat/completions wins over /chat/completions and /api/health over /health.
 ENDPOINT_PATHS = tuple(sorted((
     "/api/generate", "/api/chat", "/api/tags", "/api/version", "/api/health", "/api/show", "/api/ps",
     "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings",
-    "/chat/completions", "/completions", "/completion", "/props", "/slots", "/openapi.json",
+    "/chat/completions", "/completions", "/completion", "/props", "/slots", "/openapi.json", "/health",
+    "/metrics", "/docs", "/redoc",
 ), key=len, reverse=True))
 
 
@@ -46,7 +48,7 @@ class SpecProblem(ValueError):
     """A server address that cannot be used: the message is a whole sentence with the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ServerSpec:
     """One configured model server.
 
@@ -64,6 +66,12 @@ class ServerSpec:
     def display(self) -> str:
         """The URL fit to print or log: any password masked."""
         return mask_url_password(self.url)
+
+    def __repr__(self) -> str:  # a spec ends up in tracebacks and debug logs: never with its password
+        fields = ", ".join(f"{name}={value!r}" for name, value in (
+            ("url", self.display), ("slots", self.slots), ("model", self.model), ("protocol", self.protocol),
+            ("ca_bundle", self.ca_bundle)))
+        return f"ServerSpec({fields})"
 
     def text(self) -> str:
         """The spec written back as a user would write it (fragment included, password masked)."""
@@ -104,6 +112,9 @@ def parse_server(text: str, where: str = "") -> ServerSpec:
     url = url_part.strip().rstrip("/")
     _check_url(url, where)
     shown = mask_url_password(url)
+    if "#" in fragment:
+        raise SpecProblem(f"the server {shown}{where} has a second '#': the settings after the first are joined by "
+                          f"'&', not by another '#': write {shown}#{fragment.replace('#', '&')}")
     settings = _parse_fragment(fragment, shown, where)
     return ServerSpec(url=url, **settings)
 

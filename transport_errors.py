@@ -47,10 +47,12 @@ def connection_error(url: str, base_url: str, reason: str, *, attempts: int, con
 
 def disconnected(url: str, detail: str) -> ModelDisconnectedError:
     """The connection broke after the request was sent: it may have reached the model."""
+    # "Not sent again" is the hint's: a pool asked to resend such a request logs the message alone.
     return ModelDisconnectedError(
-        f"The model server at {url} closed the connection without answering ({shorten(detail, 160)}). "
-        "The request may have reached it, so it was not retried.",
-        hint="Check the PC server's console (did it crash or restart?), then try again.", url=url,
+        f"The model server at {url} closed the connection without answering ({shorten(detail, 160)}): "
+        "the request may have reached it.",
+        hint="It was not sent again, so that the PC does not generate it twice. Check the PC server's console "
+        "(did it crash or restart?), then try again.", url=url,
     )
 
 

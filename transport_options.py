@@ -23,7 +23,7 @@ class TransportOptions:
     health_timeout: float = 5.0  # API_HEALTH_TIMEOUT: probes and health checks
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # API_MAX_ATTEMPTS, API_RETRY_AFTER_MAX
     use_env_proxy: bool = False  # API_USE_ENV_PROXY
-    api_key: str | None = None  # API_KEY, sent as a bearer token; never logged
+    api_key: str | None = field(default=None, repr=False)  # API_KEY, sent as a bearer token; never logged
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # API_MAX_RESPONSE_BYTES
     stream_max_seconds: float = 0.0  # API_STREAM_MAX_SECONDS; 0 = no total limit for a stream
     # TLS: a PEM file of CAs trusted for this server on top of the system's and certifi's

@@ -27,6 +27,7 @@ import cli_logging  # noqa: E402
 import config  # noqa: E402
 import db_connector  # noqa: E402
 import env_files  # noqa: E402
+import link_safety  # noqa: E402
 import model_api_client  # noqa: E402
 import resources  # noqa: E402
 
@@ -124,9 +125,11 @@ def reset_process_state() -> None:
     """Forget every process-wide cache, through each module's public reset, as a new process would.
 
     The default settings, the default database pool, the pool and client run_pipeline shares,
-    the detected protocols, and any logging handler the command line left on the root logger.
+    the detected protocols, the credential warnings already said, and any logging handler the
+    command line left on the root logger.
     """
     config.reset_settings()
+    link_safety.new_run()
     db_connector.close_pool()
     resources.close_resources()
     model_api_client.clear_detection_cache()

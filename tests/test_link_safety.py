@@ -138,3 +138,23 @@ def test_check_is_quiet_about_a_loopback_server(run):
         result = run("--check", env={"API_BASE_URL": srv.base_url, "API_KEY": KEY})
     assert result.returncode == 0, result.stdout
     assert "[WARN] link" not in result.stdout and "in clear" not in result.stderr
+
+
+def test_several_servers_each_warned_once_per_run_and_check_says_it_once(run, through_loopback_proxy, tmp_path):
+    srv, env = through_loopback_proxy
+    env = {**env, "API_BASE_URL": "http://203.0.113.10:8000,http://bob:pw-Sentinel@203.0.113.11:8000"}
+    first = run("--query", "SELECT name FROM customers ORDER BY id LIMIT 3", env=env)
+    second = run("--query", "SELECT name FROM customers ORDER BY id LIMIT 3", env=env)
+    check = run("--check", env=env)
+    assert first.returncode == second.returncode == check.returncode == 0, (first.stderr, check.stdout)
+    for result in (first, second):  # each run says it once per server, on stderr
+        assert result.stderr.count("in clear over plain HTTP to http://203.0.113.10:8000") == 1, result.stderr
+        assert result.stderr.count("in clear over plain HTTP to http://203.0.113.11:8000") == 1, result.stderr
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert log.count("in clear over plain HTTP to http://203.0.113.11:8000") == 2  # the two runs
+    # --check says it once per server, as a [WARN] line, not a second time on stderr
+    assert check.stdout.count("[WARN] link: API_KEY (a bearer token) would be sent in clear") == 1, check.stdout
+    assert check.stdout.count("[WARN] link: API_KEY (a bearer token) and the user name and password") == 1
+    assert "in clear" not in check.stderr, check.stderr
+    for text in (first.stderr, second.stderr, check.stdout, check.stderr, log):
+        assert KEY not in text and "pw-Sentinel" not in text

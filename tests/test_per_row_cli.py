@@ -11,6 +11,8 @@ import io
 import json
 import re
 import secrets
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,45 @@ def test_thousands_of_rows_some_failing_then_a_rerun_retries_only_those(run, bul
     assert sorted(int(re.search(r"FAILME review (\d+)", p).group(1)) for p in posts(again)) == list(range(500, 3001, 500))
     done = final(tmp_path / "out.jsonl")
     assert len(done) == BULK_ROWS and {r["status"] for r in done.values()} == {"ok"}
+
+
+def test_a_server_killed_mid_run_and_restarted_loses_no_row_and_answers_none_twice(run, tmp_path):
+    """Three servers' worth of slots; the llama.cpp one dies after 30 answers and a new one starts on its
+    port: every row ends ok once, no prompt is answered twice, and the log says down and back."""
+    rows = 150
+    victim = FakeOpenAIServer(slots=2, delay=0.03).start()
+    replacement = FakeOpenAIServer(slots=2, delay=0.03, port=victim.port)
+    done = threading.Event()
+
+    def kill_after_30() -> None:
+        while len(victim.answered) + len(survivor.answered) < 30 and not done.is_set():
+            time.sleep(0.005)
+        victim.kill()
+        replacement.start()  # back on the same port; the pool finds out with a GET after its cooldown
+
+    with FakeOllamaServer(delay=0.03) as survivor:
+        killer = threading.Thread(target=kill_after_30, daemon=True)
+        killer.start()
+        try:
+            # The survivor alone needs >= 3 s for the rows left after the kill (0.03 s each, one at a
+            # time), longer than the 2 s cooldown: the victim's return always falls within the run.
+            result = run("--per-row", "--query", f"SELECT g AS id FROM generate_series(1, {rows}) g",
+                         "--template", "Row {row.id}", "--output", "out.jsonl",
+                         env={"API_BASE_URL": f"{victim.base_url},{survivor.base_url}"})
+        finally:
+            done.set()
+            killer.join(10)
+            replacement.stop()
+    assert result.returncode == 0, result.stderr
+    records = rows_of(tmp_path / "out.jsonl")
+    assert Counter(r["key"] for r in records) == Counter(range(1, rows + 1))
+    assert {r["status"] for r in records} == {"ok"}
+    answered = Counter([*victim.answered, *replacement.answered, *survivor.answered])
+    assert answered == Counter(f"Row {i}" for i in range(1, rows + 1))  # each prompt answered exactly once
+    assert victim.answered and replacement.answered and survivor.answered
+    assert max(victim.peak_generations, replacement.peak_generations) <= 2 and survivor.peak_generations <= 1
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert f"Model server {victim.base_url} is down" in log and f"Model server {victim.base_url} is back" in log
 
 
 def test_without_output_the_rows_go_to_stdout_and_the_summary_to_stderr(run):

@@ -64,6 +64,7 @@ def test_passwords_in_every_listed_url_are_secrets_and_masked():
         ("http://a:1,http://A:1/", "http://A:1 is listed twice"),
         ("http://a:1,192.168.0.11:11434", "'192.168.0.11:11434' (server 2 of 2) is not a full URL"),
         ("http://bob:Hunter2@b:2#slots=x", "the server http://bob:***@b:2 has slots=x"),
+        ("http://b:2#slots=4#model=phi4", "joined by '&', not by another '#': write http://b:2#slots=4&model=phi4"),
     ],
 )
 def test_a_bad_server_entry_names_the_server_and_the_fix(value, expected):
@@ -83,6 +84,10 @@ def test_a_bad_server_entry_names_the_server_and_the_fix(value, expected):
         ("https://proxy.lan/llm/v1/chat/completions", "https://proxy.lan/llm"),
         ("http://host:8000/api/generate?stream=false", "http://host:8000"),
         ("http://bob:Hunter2@host:8000/api/generate", "http://bob:***@host:8000"),
+        ("http://host:8080/health", "http://host:8080"),  # llama.cpp's and vLLM's health check
+        ("http://host:8000/docs", "http://host:8000"),  # the pc server's (FastAPI's) API page
+        ("http://host:8000/redoc/", "http://host:8000"),
+        ("http://host:8000/metrics", "http://host:8000"),
     ],
 )
 def test_an_endpoint_instead_of_the_base_url_says_which_base_url_to_use(url, base):

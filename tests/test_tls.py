@@ -282,3 +282,23 @@ def test_check_warns_about_a_bundle_on_a_plain_http_url(run, pki):
         result = run("--check", env={"API_BASE_URL": srv.base_url, "API_CA_BUNDLE": pki.bundle})
     assert result.returncode == 0, result.stdout
     assert f"[WARN] TLS: API_CA_BUNDLE is set but {srv.base_url} is plain HTTP" in result.stdout
+
+
+def test_several_https_servers_each_trusted_through_its_own_ca(run, pki, other_pki):
+    """API_CA_BUNDLE for one server, ``#ca=PATH`` for another whose CA differs: both answer."""
+    with FakePCServer(tls=pki.server(), serial=False) as pc, FakeOllamaServer(tls=other_pki.server()) as ollama:
+        env = {"API_BASE_URL": f"{pc.base_url},{ollama.base_url}#ca={other_pki.bundle}&slots=2",
+               "API_CA_BUNDLE": pki.bundle}
+        check = run("--check", env=env)
+        answers = [run("--query", "SELECT 1 AS test", env=env) for _ in range(6)]
+        without = run("--check", env={**env, "API_BASE_URL": f"{pc.base_url},{ollama.base_url}"})
+    assert check.returncode == 0, check.stdout
+    assert f"[ OK ] TLS: {pc.base_url}: its certificate must be signed by the system's CAs and {pki.bundle}" in check.stdout
+    assert (f"[ OK ] TLS: {ollama.base_url}: its certificate must be signed by the system's CAs and "
+            f"{other_pki.bundle}") in check.stdout
+    assert "[ OK ] model servers: 2 of 2 ready; together they run 3 generations at once" in check.stdout
+    assert all(result.returncode == 0 and result.stdout == DEFAULT_ANSWER + "\n" for result in answers)
+    assert len(pc.answered) + len(ollama.answered) == 6
+    # Without #ca= the second server's certificate is refused, and the first one does the work.
+    assert without.returncode == 0, without.stdout
+    assert f"[WARN] model server: {ollama.base_url}: unreachable: Cannot connect securely" in without.stdout

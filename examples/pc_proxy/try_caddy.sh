@@ -63,7 +63,7 @@ export API_BASE_URL="https://127.0.0.1:$https_port" LOG_FILE="$work/client.log"
 unset API_KEY API_CA_BUNDLE REQUESTS_CA_BUNDLE
 pipeline=(python3 "$repo/db_to_model_pipeline.py")
 
-expect 0 "[ OK ] model: " -- env API_CA_BUNDLE="$root" API_KEY="$token" "${pipeline[@]}" --check
+expect 0 "[ OK ] model server: https://127.0.0.1:$https_port: ready" -- env API_CA_BUNDLE="$root" API_KEY="$token" "${pipeline[@]}" --check
 expect 0 "분석 결과" -- env API_CA_BUNDLE="$root" API_KEY="$token" "${pipeline[@]}" --query "SELECT 1 AS test"
 expect 6 "HTTP 401" -- env API_CA_BUNDLE="$root" "${pipeline[@]}" --query "SELECT 1 AS test"
 expect 6 "HTTP 401" -- env API_CA_BUNDLE="$root" API_KEY="wrong-token-0123456789" API_PROTOCOL=pc "${pipeline[@]}" --query "SELECT 1 AS test"
