@@ -60,6 +60,7 @@ class AllRowsOptions:
     reduce_template: str | None = None  # None: mr_prompts.DEFAULT_REDUCE_TEMPLATE
     max_levels: int = DEFAULT_MAX_LEVELS
     concurrency: int | None = None  # None: the backend's capacity
+    attempts: int | None = None  # per call, in all; None: API_MAX_ATTEMPTS
     output: str | None = None  # the checkpoint goes beside it (else in the cache directory)
     checkpoint: bool = True
 
@@ -275,11 +276,17 @@ def _map_and_reduce(question: Question, options: AllRowsOptions, settings: Setti
     q = question
     checkpoint = _open_checkpoint(options, run, parts)
     try:
-        concurrency = options.concurrency or max(1, int(backend.capacity))
+        capacity = max(1, int(backend.capacity))
+        concurrency = options.concurrency or capacity
+        if concurrency > capacity:
+            report.message(f"Note: --concurrency {concurrency} is more than the model servers run at once "
+                           f"({capacity}): the extra calls wait on the laptop.")
         system_tokens = sum(map(counter.count, planner.reducer.outside)) if q.system_prompt else 0
-        # API_MAX_ATTEMPTS bounds the attempts of each call, as it bounds the transport's own retries.
+        # API_MAX_ATTEMPTS bounds the attempts of each call, as it bounds the transport's own retries,
+        # unless the command was told otherwise (--retries).
+        attempts = settings.api_max_attempts if options.attempts is None else options.attempts
         call_settings = CallSettings(q.system_prompt, run.max_new_tokens or 0, q.temperature, concurrency,
-                                     system_tokens=system_tokens, attempts=settings.api_max_attempts, sleep=sleep)
+                                     system_tokens=system_tokens, attempts=attempts, sleep=sleep)
         calls = CallRunner(backend, call_settings,
                            checkpoint, stream=report.stream, quiet=report.quiet)
         run.concurrency = concurrency

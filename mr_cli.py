@@ -68,7 +68,8 @@ def _options(args: argparse.Namespace, command: Command) -> AllRowsOptions:
     if template is not None:
         mr_prompts.check_reduce_template(template)  # a typo fails before the query runs
     return AllRowsOptions(reduce_template=template, max_levels=args.max_reduce_levels or DEFAULT_MAX_LEVELS,
-                          output=command.output)
+                          concurrency=args.concurrency, output=command.output,
+                          attempts=None if args.retries is None else args.retries + 1)
 
 
 def run_and_report(args: argparse.Namespace, command: Command, console: Any) -> ExitCode:
@@ -84,7 +85,7 @@ def run_and_report(args: argparse.Namespace, command: Command, console: Any) -> 
             console.progress(f"Querying {command.settings.db_display()} ...")
         reporter = Reporter(console.progress, console.err, console.quiet)
         run_all_rows(question, options, command.settings, backend, run, dry_run=command.dry_run, reporter=reporter)
-        return _report(command, run, console)
+        return _report(command, run, console, options)
     except (KeyboardInterrupt, PipelineError) as exc:
         return _report_failure(exc, args, command, run, console)
 
@@ -96,7 +97,7 @@ def _notes(run: MapReduceRun, console: Any) -> None:
         console.progress(f"Note: {run.checkpoint_notice}")
 
 
-def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
+def _report(command: Command, run: MapReduceRun, console: Any, options: AllRowsOptions) -> ExitCode:
     _notes(run, console)
     if not run.rows_total:
         console.progress("The query returned no rows: nothing was sent to the model.")
@@ -106,17 +107,7 @@ def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
     if run.single is not None:
         return _report_single(command, run, console)
     if command.dry_run:
-        capacity, found = probe_capacity(command.settings)
-        estimate = estimate_seconds(run, capacity) if capacity else None
-        console.progress(f"Dry run: {len(run.map_calls):,} map calls planned over {run.rows_total:,} rows; "
-                         "nothing was sent to the model.")
-        if command.json:
-            doc = document(run, None)
-            doc["plan"].update(servers=found, capacity=capacity, estimated_seconds=estimate)
-            console.emit_json(doc, command.output)
-        else:
-            console.emit(plan_text(run, capacity, found, estimate), command.output)
-        return ExitCode.OK
+        return _report_plan(command, run, console, options)
     assert run.answer is not None
     if command.json:
         console.emit_json(document(run, run.answer), command.output)
@@ -127,6 +118,23 @@ def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
     if run.checkpoint_path:
         console.progress(f"Answers are checkpointed in {run.checkpoint_path} (a rerun of this command reuses them).")
     logger.info("Done: %s", summary)
+    return ExitCode.OK
+
+
+def _report_plan(command: Command, run: MapReduceRun, console: Any, options: AllRowsOptions) -> ExitCode:
+    """The dry run's plan, with the time at the servers' capacity (or at --concurrency, when lower)."""
+    capacity, found = probe_capacity(command.settings)
+    run.concurrency = options.concurrency or capacity
+    at_once = min(capacity, run.concurrency or capacity) if capacity else None
+    estimate = estimate_seconds(run, at_once) if at_once else None
+    console.progress(f"Dry run: {len(run.map_calls):,} map calls planned over {run.rows_total:,} rows; "
+                     "nothing was sent to the model.")
+    if command.json:
+        doc = document(run, None)
+        doc["plan"].update(servers=found, capacity=capacity, estimated_seconds=estimate)
+        console.emit_json(doc, command.output)
+    else:
+        console.emit(plan_text(run, at_once, found, estimate), command.output)
     return ExitCode.OK
 
 
