@@ -44,7 +44,7 @@ from resources import shared_database
 from row_packer import RowPacker
 from row_spool import RowSpool
 from runner import Question, RunResult
-from token_count import TokenCounter, get_counter
+from token_count import TokenCounter, get_counter, log_difference
 from value_format import row_layout
 
 logger = logging.getLogger(__name__)
@@ -120,11 +120,12 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
             if not spool.count:
                 logger.info("Query returned no rows; nothing sent to the model")
                 return run
-            if _fits_one_prompt(question, spool, settings, counter, run):
+            fits, said = _fits_one_prompt(question, spool, settings, counter, run)
+            if fits:
                 if not dry_run:
                     _ask_once(question, settings, backend, run, report)
                 return run
-            planner = _Planner(question, options, spool, settings, counter, run)
+            planner = _Planner(question, options, spool, settings, counter, run, said)
             if dry_run:
                 for _ in planner.chunks():
                     pass
@@ -137,8 +138,11 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
 
 
 def _fits_one_prompt(question: Question, spool: RowSpool, settings: Settings, counter: TokenCounter,
-                     run: MapReduceRun) -> bool:
-    """Build the single-question prompt; True (and ``run.single`` set) when it holds every row."""
+                     run: MapReduceRun) -> tuple[bool, tuple[str, ...]]:
+    """Build the single-question prompt: ``(fits, the template warnings it logged)``.
+
+    ``fits`` is True (and ``run.single`` set) when the prompt holds every row.
+    """
     q = question
     try:
         prompt = prompt_builder.build_prompt(
@@ -151,14 +155,14 @@ def _fits_one_prompt(question: Question, spool: RowSpool, settings: Settings, co
         )
     except PromptError as exc:  # not even one row fits as it is: the map prompts shorten it
         logger.info("The single-question prompt cannot be built (%s); splitting the rows", exc.message)
-        return False
+        return False, ()
     if prompt.truncated:
-        return False
+        return False, prompt.warnings
     run.single = RunResult(q.query, rows=list(spool), columns=list(spool.columns), more_rows=spool.has_more,
                            db_time=run.read_time, prompt=prompt)
     logger.info("All %d rows fit one prompt (%d tokens, %s): one call", spool.count, prompt.estimated_tokens,
                 prompt.token_counter)
-    return True
+    return True, prompt.warnings
 
 
 def _ask_once(question: Question, settings: Settings, backend: Any, run: MapReduceRun, report: Reporter) -> None:
@@ -170,17 +174,20 @@ def _ask_once(question: Question, settings: Settings, backend: Any, run: MapRedu
     single.answer = generation.text
     single.model_stats = generation.stats
     run.answer = single.answer
+    log_difference(single.prompt.estimated_tokens, single.prompt.token_counter,
+                   getattr(generation.stats, "input_tokens", None))
 
 
 class _Planner:
     """The map prompts of a run, packed from the spool as they are asked for, and the reduce prompts.
 
     Creating it checks, before any call, that two partial answers of full length fit one reduce
-    prompt (else PromptError: the levels could never end).
+    prompt (else PromptError: the levels could never end). Each warning is logged once, as it
+    arises (``said``: those the single-question prompt logged already), and kept in ``run.warnings``.
     """
 
     def __init__(self, question: Question, options: AllRowsOptions, spool: RowSpool, settings: Settings,
-                 counter: TokenCounter, run: MapReduceRun) -> None:
+                 counter: TokenCounter, run: MapReduceRun, said: tuple[str, ...] = ()) -> None:
         q = self.question = question
         self.options, self.spool, self.run, self.counter = options, spool, run, counter
         self.key = _key_function(q, settings)
@@ -190,7 +197,8 @@ class _Planner:
         self.mapped = mapped
         run.budget, run.counter = mapped.budget, counter.name
         for message in mapped.warnings:
-            logger.warning("%s", message)
+            if message not in said:
+                logger.warning("%s", message)
             run.warnings.append(message)
         values = {"question": mapped.question, "query": q.query, "context": q.context or "",
                   "columns": ", ".join(map(str, spool.columns))}
@@ -214,7 +222,7 @@ class _Planner:
                            note=mr_prompts.map_note(self.spool.count, self.spool.has_more), shorten=True)
         for index, chunk in enumerate(packer):
             shortened = tuple({"row": s.index + 1, "max_cell_chars": s.max_cell_chars} for s in chunk.shortened)
-            for cut in shortened:
+            for cut in shortened:  # the row packer logged it as it shortened the row
                 run.warnings.append(f"Row {cut['row']:,} was too large for one prompt: its values were cut to "
                                     f"{cut['max_cell_chars']:,} characters (flagged in the plan).")
             call = Call("map", 0, index, chunk.start + 1, chunk.end, self.key(chunk.text), chunk.tokens,
@@ -232,9 +240,10 @@ class _Planner:
                     run.rows_total, len(run.map_calls), run.budget, run.counter, run.expected_levels)
         levels = len(run.expected_levels or [])
         if levels > self.options.max_levels:
-            run.warnings.append(
-                f"Answers of the full {run.max_new_tokens:,} tokens would need {levels} reduce levels, more than "
-                f"--max-reduce-levels {self.options.max_levels}; shorter answers need fewer.")
+            message = (f"Answers of the full {run.max_new_tokens:,} tokens would need {levels} reduce levels, more "
+                       f"than --max-reduce-levels {self.options.max_levels}; shorter answers need fewer.")
+            logger.warning("%s", message)
+            run.warnings.append(message)
 
 
 def _key_function(q: Question, settings: Settings) -> Callable[[str], str]:

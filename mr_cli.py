@@ -91,8 +91,7 @@ def run_and_report(args: argparse.Namespace, command: Command, console: Any) -> 
 
 
 def _notes(run: MapReduceRun, console: Any) -> None:
-    for warning in run.warnings:
-        console.progress(f"Warning: {warning}")
+    # run.warnings were logged as they arose (on stderr then): not repeated here.
     if run.checkpoint_notice:
         console.progress(f"Note: {run.checkpoint_notice}")
 
@@ -175,7 +174,7 @@ def document(run: MapReduceRun | None, answer: str | None, error: dict[str, Any]
         doc = {
             "ok": error is None, "answer": answer, "complete": complete and answer is not None,
             "rows_shown": stats.get("rows_shown", 0), "rows_total": run.rows_total if run else 0,
-            "more_rows": bool(run and run.more_rows), "truncated": False, "prompt_chars": None,
+            "more_rows": bool(run and run.more_rows), "truncated": False, "hint": None, "prompt_chars": None,
             "prompt_tokens_estimate": stats.get("prompt_tokens"), "protocol": stats.get("protocol"),
             "model": stats.get("model"), "stats": stats, "query": run.query if run else None, "error": error,
         }

@@ -115,5 +115,5 @@ def stats_line(run: MapReduceRun) -> str:
     if tokens:
         parts.append("tokens " + " / ".join(tokens))
     if stats.get("rows_shortened"):
-        parts.append(f"{stats['rows_shortened']:,} rows shortened")
+        parts.append(f"{stats['rows_shortened']:,} row{'s' if stats['rows_shortened'] != 1 else ''} shortened")
     return " | ".join(parts)

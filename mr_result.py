@@ -127,6 +127,7 @@ class MapReduceRun:
             "checkpoint": self.checkpoint_path,
             "reusable_answers": self.reusable,
             "shortened_rows": self.shortened_rows(),
+            "warnings": list(self.warnings),
             "map": [_call_entry(c) for c in self.map_calls],
             "reduce": [{"level": n, "calls": [_call_entry(c) for c in level]}
                        for n, level in enumerate(self.levels, start=1)],

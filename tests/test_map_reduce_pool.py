@@ -1,4 +1,4 @@
-"""--all-rows over several servers, and ``--concurrency`` and ``--retries`` in this mode.
+"""--all-rows over several servers, ``--concurrency`` and ``--retries`` in this mode, and what is said once.
 
 The servers hold every generation at a gate until the test has seen how many run at once, so no
 assertion depends on how fast this machine is.
@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from fake_map_reduce_server import MARKER, MapReduceOpenAIServer, MapReducePCServer
+from fake_map_reduce_server import MARKER, MapReduceOllamaServer, MapReduceOpenAIServer, MapReducePCServer
 from mr_fixtures import QUERY, ROWS, SMALL, all_calls, cli_runner, create_mr_table
 
 
@@ -122,3 +122,21 @@ def test_flags_of_another_mode_are_refused_not_ignored(run, args, message):
         result = run("--query", QUERY, *args, env={"API_BASE_URL": srv.base_url})
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert srv.count("POST") == 0
+
+
+def test_a_template_warning_is_said_once(run):
+    with MapReducePCServer() as srv:
+        result = run("--query", QUERY, "--all-rows", *SMALL, "--template", "Summarize.", "--json",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("The template has no {data} placeholder") == 1
+    assert result.json()["plan"]["warnings"] == ["The template has no {data} placeholder; the data was appended at the end."]
+
+
+def test_one_prompt_for_every_row_also_logs_the_servers_token_count(run, tmp_path):
+    with MapReduceOllamaServer() as srv:
+        result = run("--query", "SELECT name, city FROM customers", "--all-rows", "-v",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0 and srv.generation_count == 1, result.stderr
+    log = (tmp_path / "client.log").read_text(encoding="utf-8")
+    assert "Tokens of the prompt:" in log and "by the server's" in log
