@@ -236,6 +236,8 @@ class _Planner:
     def _planned(self) -> None:
         run = self.run
         run.expected_levels = mr_prompts.calls_per_level(len(run.map_calls), run.fan_in or 2)
+        run.expected_reduce_tokens = mr_prompts.reduce_prompt_tokens(
+            len(run.map_calls), run.fan_in or 2, run.max_new_tokens or 0, self.reducer.frame_tokens())
         logger.info("Plan: %d rows in %d map prompts of up to %d tokens (%s); reduce calls expected per level: %s",
                     run.rows_total, len(run.map_calls), run.budget, run.counter, run.expected_levels)
         levels = len(run.expected_levels or [])

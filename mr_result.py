@@ -36,6 +36,8 @@ class MapReduceRun:
     fan_in: int | None = None  # answers of full length one reduce prompt holds
     #: Reduce calls per level expected when every answer has max_new_tokens tokens (None: never ends).
     expected_levels: list[int] | None = None
+    #: Prompt tokens of each expected reduce level, at most (answers of max_new_tokens tokens).
+    expected_reduce_tokens: list[int] = field(default_factory=list)
     map_calls: list[Call] = field(default_factory=list)
     sample_prompt: str | None = None  # the first map prompt, for the dry run
     levels: list[list[Call]] = field(default_factory=list)  # reduce levels, one entry per group
@@ -112,6 +114,14 @@ class MapReduceRun:
         stats["token_check"] = self.token_check
         return stats
 
+    def expected_tokens(self) -> dict[str, int] | None:
+        """What the whole plan sends and asks for, at most: ``prompt`` and ``generated`` tokens (None: one prompt)."""
+        if self.single is not None or not self.map_calls:
+            return None
+        calls = len(self.map_calls) + sum(self.expected_levels or [])
+        return {"prompt": sum(c.prompt_tokens for c in self.map_calls) + sum(self.expected_reduce_tokens),
+                "generated": calls * (self.max_new_tokens or 0)}
+
     def plan(self) -> dict[str, Any]:
         """The plan as it was run: which rows fed which map call, every answer, the reduce levels."""
         return {
@@ -123,6 +133,8 @@ class MapReduceRun:
             "max_new_tokens": self.max_new_tokens,
             "map_calls": len(self.map_calls) if self.single is None else 1,
             "expected_reduce_calls_per_level": self.expected_levels,
+            "expected_reduce_prompt_tokens_per_level": self.expected_reduce_tokens,
+            "expected_tokens": self.expected_tokens(),
             "concurrency": self.concurrency,
             "checkpoint": self.checkpoint_path,
             "reusable_answers": self.reusable,

@@ -132,6 +132,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(run):
     out = result.stdout
     assert f"rows             {ROWS:,}" in out
     assert "map calls" in out and "tokens in all" in out and "level" in out and "calls in all" in out
+    assert "prompt tokens and" in out and "generated" in out
     assert "answered the health check" in out and "about " in out
     assert "First map prompt:" in out and "one part of the data" in out
     assert "nothing was sent" in result.stderr
@@ -146,6 +147,11 @@ def test_dry_run_without_a_server_still_plans(run):
     assert sum(c["last_row"] - c["first_row"] + 1 for c in plan["map"]) == ROWS
     assert all(c["answer"] is None and c["prompt_tokens"] <= 1500 for c in plan["map"])
     assert plan["expected_reduce_calls_per_level"][-1] == 1
+    levels = plan["expected_reduce_prompt_tokens_per_level"]
+    assert len(levels) == len(plan["expected_reduce_calls_per_level"]) and all(t > 0 for t in levels)
+    calls = plan["map_calls"] + sum(plan["expected_reduce_calls_per_level"])
+    assert plan["expected_tokens"] == {"prompt": sum(c["prompt_tokens"] for c in plan["map"]) + sum(levels),
+                                       "generated": calls * 30}
 
 
 # --- convergence ------------------------------------------------------------------------------
