@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(parser.add_argument_group("output and modes"))
     _all_rows_options(parser.add_argument_group("every row: one question answered over all rows (map-reduce)"))
     _per_row_options(parser.add_argument_group("one model call per row"))
+    _many_calls_options(parser.add_argument_group("many model calls (--all-rows, --per-row)"))
     return parser
 
 
@@ -170,9 +171,6 @@ def _per_row_options(r: argparse._ArgumentGroup) -> None:
                    "results as JSON Lines, resumable")
     r.add_argument("--key", metavar="COLUMN[,COLUMN...]",
                    help="each row's identity, for resuming (default: the column id, else a hash of the row)")
-    r.add_argument("--concurrency", type=positive_int, metavar="N",
-                   help="--per-row: rows sent at once; --all-rows: calls sent at once (default: what the model "
-                   "servers can run at once)")
     r.add_argument("--schema", metavar="FILE.json",
                    help="a JSON Schema each answer must match (asked natively, validated, one repair)")
     r.add_argument("--results-table", metavar="NAME",
@@ -180,7 +178,13 @@ def _per_row_options(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--restart", action="store_true",
                    help="start over, also when --output or --results-table holds another job's results "
                    "(the old file is kept aside)")
-    r.add_argument("--retries", type=non_negative_int, metavar="N",
+
+
+def _many_calls_options(m: argparse._ArgumentGroup) -> None:
+    m.add_argument("--concurrency", type=positive_int, metavar="N",
+                   help="--per-row: rows sent at once; --all-rows: calls sent at once (default: what the model "
+                   "servers can run at once)")
+    m.add_argument("--retries", type=non_negative_int, metavar="N",
                    help="tries again per row (--per-row, default 2) or per call (--all-rows, default "
                    "API_MAX_ATTEMPTS - 1) after a timeout, dropped connection or HTTP 429/5xx")
 
