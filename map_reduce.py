@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TextIO
 
 import mr_prompts
@@ -38,6 +38,7 @@ from config import Settings
 from errors import PipelineError, PromptError, ReduceNotConvergingError
 from mr_calls import Call, CallRunner, CallSettings
 from mr_checkpoint import Checkpoint, call_key, checkpoint_path, load_answers
+from mr_pack_ahead import PackAhead
 from mr_result import MapReduceRun
 from job_identity import fingerprint
 from resources import shared_database
@@ -235,6 +236,7 @@ class _Planner:
 
     def _planned(self) -> None:
         run = self.run
+        run.map_planned = True
         run.expected_levels = mr_prompts.calls_per_level(len(run.map_calls), run.fan_in or 2)
         run.expected_reduce_tokens = mr_prompts.reduce_prompt_tokens(
             len(run.map_calls), run.fan_in or 2, run.max_new_tokens or 0, self.reducer.frame_tokens())
@@ -304,13 +306,14 @@ def _map_and_reduce(question: Question, options: AllRowsOptions, settings: Setti
         report.message(f"Map: the rows in prompts of up to {run.budget:,} tokens, {concurrency} call"
                        f"{'s' if concurrency != 1 else ''} at a time ...")
         try:
-            chunks = planner.chunks()
-            try:
-                calls.run(chunks, "map")
-            except PipelineError:
-                for _ in chunks:  # finish the plan (no calls), so the report says how many calls are left
-                    pass
-                raise
+            # Every map prompt is packed at once, ahead of the calls: the progress has its total
+            # within seconds, and a stopped run knows how many calls are left.
+            with PackAhead(planner.chunks(), calls.set_total) as packed:
+                try:
+                    calls.run(packed, "map")
+                except PipelineError:
+                    packed.wait()  # finish the plan (no calls), so the report says how many calls are left
+                    raise
             _reduce(run, planner.reducer, calls, options.max_levels, planner.key, report)
         finally:
             run.token_check = calls.tokens.summary()

@@ -222,7 +222,8 @@ def _save_partial(output: str, doc: dict[str, Any], console: Any) -> None:
 def _kept_message(run: MapReduceRun) -> str:
     done, planned = run.answers_done()
     reduced = sum(1 for level in run.levels for c in level if not c.carried and c.answer is not None)
-    text = f"Stopped with {done:,} of {planned:,} map answers" + (f" and {reduced:,} reduce answers" if reduced else "")
+    of = f"{planned:,}" if run.map_planned else f"at least {planned:,} (the rest were not packed yet)"
+    text = f"Stopped with {done:,} of {of} map answers" + (f" and {reduced:,} reduce answers" if reduced else "")
     if run.checkpoint_path:
         return (f"{text}; they are kept in {run.checkpoint_path}. Run the same command again to continue: "
                 "it sends only the calls that are missing.")

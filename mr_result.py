@@ -39,6 +39,7 @@ class MapReduceRun:
     #: Prompt tokens of each expected reduce level, at most (answers of max_new_tokens tokens).
     expected_reduce_tokens: list[int] = field(default_factory=list)
     map_calls: list[Call] = field(default_factory=list)
+    map_planned: bool = False  # every chunk is packed: map_calls is the whole map level
     sample_prompt: str | None = None  # the first map prompt, for the dry run
     levels: list[list[Call]] = field(default_factory=list)  # reduce levels, one entry per group
     answer: str | None = None
