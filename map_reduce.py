@@ -9,10 +9,11 @@ memory stays flat), then:
 2. **Plan.** Otherwise the rows are packed into chunks that each fill the prompt budget
    (:class:`row_packer.RowPacker`, the user's template, a note naming the rows of each part).
    A row too large for a prompt of its own is shortened further and flagged, never dropped.
-   Only the chunk boundaries stay in memory; a prompt exists while its call is queued or runs.
+   Only the chunk boundaries stay in memory; the prompts wait in a temporary file.
 3. **Map.** Every chunk is one call, run concurrently through the backend (:mod:`mr_calls`).
-   Packing feeds the calls as it goes, so the first call starts as soon as its chunk is packed
-   and packing 20,000 rows costs no wall time while the servers are busy.
+   A thread packs every chunk at once (:mod:`mr_pack_ahead`): the first call starts as soon as
+   its chunk is packed, packing 20,000 rows costs no wall time while the servers are busy, and
+   the number of calls is known within seconds.
 4. **Reduce.** The partial answers are combined by reduce prompts (:mod:`mr_prompts`), in levels
    while they do not fit one prompt. Each level must have fewer answers and fewer tokens than the
    one below it (the last level, which leaves one answer, is exempt from the token rule: a final
