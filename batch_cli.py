@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import token_count
 from batch_runner import BatchRunner, BatchSettings, BatchSummary, RowTask
-from cli_args import prepare
+from cli_args import DEFAULT_ROW_RETRIES, prepare
 from config import Settings
 from errors import ExitCode, PipelineError, PromptError, UsageError
 from progress import ProgressBar, format_duration
@@ -178,9 +178,10 @@ def _run(p: PerRowPlan, spool: RowSpool, prompts: RowPrompt, key: RowKey, consol
         skipped = spool.count - planned
         _announce(console, spool.count, skipped, planned, resume, key, concurrency, p.ledger)
         tokens, counter = _prompt_limits(settings, q)
+        retries = DEFAULT_ROW_RETRIES if args.retries is None else args.retries
         batch = BatchSettings(concurrency=concurrency, system_prompt=q.system_prompt,
                               max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              schema=p.schema, attempts=args.retries + 1, prompt_tokens=tokens,
+                              schema=p.schema, attempts=retries + 1, prompt_tokens=tokens,
                               prompt_chars=q.prompt_chars, prompt_counter=counter)
         with ProgressBar(planned, unit="rows", stream=console.err, quiet=args.quiet) as bar, \
                 _request_logs_quiet(args.verbose):

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(parser.add_argument_group("output and modes"))
     _all_rows_options(parser.add_argument_group("every row: one question answered over all rows (map-reduce)"))
     _per_row_options(parser.add_argument_group("one model call per row"))
+    _many_calls_options(parser.add_argument_group("many model calls (--all-rows, --per-row)"))
     return parser
 
 
@@ -171,8 +172,6 @@ def _per_row_options(r: argparse._ArgumentGroup) -> None:
                    "results as JSON Lines, resumable")
     r.add_argument("--key", metavar="COLUMN[,COLUMN...]",
                    help="each row's identity, for resuming (default: the column id, else a hash of the row)")
-    r.add_argument("--concurrency", type=positive_int, metavar="N",
-                   help="rows sent at once (default: what the model servers can run at once)")
     r.add_argument("--schema", metavar="FILE.json",
                    help="a JSON Schema each answer must match (asked natively, validated, one repair)")
     r.add_argument("--results-table", metavar="NAME",
@@ -180,11 +179,32 @@ def _per_row_options(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--restart", action="store_true",
                    help="start over, also when --output or --results-table holds another job's results "
                    "(the old file is kept aside)")
-    r.add_argument("--retries", type=non_negative_int, default=2, metavar="N",
-                   help="tries again per row after a timeout, dropped connection or HTTP 429/5xx (default 2)")
+
+
+def _many_calls_options(m: argparse._ArgumentGroup) -> None:
+    m.add_argument("--concurrency", type=positive_int, metavar="N",
+                   help="--per-row: rows sent at once; --all-rows: calls sent at once (default: what the model "
+                   "servers can run at once)")
+    m.add_argument("--retries", type=non_negative_int, metavar="N",
+                   help="tries again per row (--per-row, default 2) or per call (--all-rows, default "
+                   "API_MAX_ATTEMPTS - 1) after a timeout, dropped connection or HTTP 429/5xx")
 
 
 PER_ROW_ONLY = ("key", "schema", "results_table", "restart")
+#: Flags of the --all-rows group (without --all-rows they are refused).
+ALL_ROWS_ONLY = ("reduce_template", "reduce_template_file", "max_reduce_levels")
+#: Flags for runs of many model calls: --per-row or --all-rows, not a single question.
+MANY_CALLS_ONLY = ("concurrency", "retries")
+#: --retries when --per-row is not told otherwise.
+DEFAULT_ROW_RETRIES = 2
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name, None) not in (None, False, "")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
@@ -199,11 +219,23 @@ def check_mode_flags(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag} does not apply to --per-row.",
                                  hint="--per-row writes one JSON object per row already (JSON Lines); "
                                  "drop " + flag + ".")
+        for name in ALL_ROWS_ONLY:
+            if _given(args, name):
+                raise UsageError(f"{_flag(name)} applies only to --all-rows, not to --per-row.",
+                                 hint=f"Fix: drop {_flag(name)}: --per-row answers every row on its own, so "
+                                 "there are no partial answers to combine.")
         return
     for name in PER_ROW_ONLY:
-        if getattr(args, name, None):
-            raise UsageError(f"--{name.replace('_', '-')} applies only to --per-row.",
+        if _given(args, name):
+            raise UsageError(f"{_flag(name)} applies only to --per-row.",
                              hint="Fix: add --per-row to run the template once for every row, or drop the flag.")
+    if not getattr(args, "all_rows", False):
+        for name in MANY_CALLS_ONLY:
+            if _given(args, name):
+                raise UsageError(f"{_flag(name)} applies only to --per-row and --all-rows: a single question is "
+                                 "one model call.",
+                                 hint="Fix: add --all-rows (one question over every row, in several calls) or "
+                                 "--per-row (one call per row), or drop the flag.")
 
 
 def non_negative_int(text: str) -> int:

@@ -9,10 +9,11 @@ memory stays flat), then:
 2. **Plan.** Otherwise the rows are packed into chunks that each fill the prompt budget
    (:class:`row_packer.RowPacker`, the user's template, a note naming the rows of each part).
    A row too large for a prompt of its own is shortened further and flagged, never dropped.
-   Only the chunk boundaries stay in memory; a prompt exists while its call is queued or runs.
+   Only the chunk boundaries stay in memory; the prompts wait in a temporary file.
 3. **Map.** Every chunk is one call, run concurrently through the backend (:mod:`mr_calls`).
-   Packing feeds the calls as it goes, so the first call starts as soon as its chunk is packed
-   and packing 20,000 rows costs no wall time while the servers are busy.
+   A thread packs every chunk at once (:mod:`mr_pack_ahead`): the first call starts as soon as
+   its chunk is packed, packing 20,000 rows costs no wall time while the servers are busy, and
+   the number of calls is known within seconds.
 4. **Reduce.** The partial answers are combined by reduce prompts (:mod:`mr_prompts`), in levels
    while they do not fit one prompt. Each level must have fewer answers and fewer tokens than the
    one below it (the last level, which leaves one answer, is exempt from the token rule: a final
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TextIO
 
 import mr_prompts
@@ -38,13 +39,14 @@ from config import Settings
 from errors import PipelineError, PromptError, ReduceNotConvergingError
 from mr_calls import Call, CallRunner, CallSettings
 from mr_checkpoint import Checkpoint, call_key, checkpoint_path, load_answers
+from mr_pack_ahead import PackAhead
 from mr_result import MapReduceRun
 from job_identity import fingerprint
 from resources import shared_database
 from row_packer import RowPacker
 from row_spool import RowSpool
 from runner import Question, RunResult
-from token_count import TokenCounter, get_counter
+from token_count import TokenCounter, get_counter, log_difference
 from value_format import row_layout
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class AllRowsOptions:
     reduce_template: str | None = None  # None: mr_prompts.DEFAULT_REDUCE_TEMPLATE
     max_levels: int = DEFAULT_MAX_LEVELS
     concurrency: int | None = None  # None: the backend's capacity
+    attempts: int | None = None  # per call, in all; None: API_MAX_ATTEMPTS
     output: str | None = None  # the checkpoint goes beside it (else in the cache directory)
     checkpoint: bool = True
 
@@ -119,11 +122,12 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
             if not spool.count:
                 logger.info("Query returned no rows; nothing sent to the model")
                 return run
-            if _fits_one_prompt(question, spool, settings, counter, run):
+            fits, said = _fits_one_prompt(question, spool, settings, counter, run)
+            if fits:
                 if not dry_run:
                     _ask_once(question, settings, backend, run, report)
                 return run
-            planner = _Planner(question, options, spool, settings, counter, run)
+            planner = _Planner(question, options, spool, settings, counter, run, said)
             if dry_run:
                 for _ in planner.chunks():
                     pass
@@ -136,8 +140,11 @@ def run_all_rows(question: Question, options: AllRowsOptions, settings: Settings
 
 
 def _fits_one_prompt(question: Question, spool: RowSpool, settings: Settings, counter: TokenCounter,
-                     run: MapReduceRun) -> bool:
-    """Build the single-question prompt; True (and ``run.single`` set) when it holds every row."""
+                     run: MapReduceRun) -> tuple[bool, tuple[str, ...]]:
+    """Build the single-question prompt: ``(fits, the template warnings it logged)``.
+
+    ``fits`` is True (and ``run.single`` set) when the prompt holds every row.
+    """
     q = question
     try:
         prompt = prompt_builder.build_prompt(
@@ -150,15 +157,14 @@ def _fits_one_prompt(question: Question, spool: RowSpool, settings: Settings, co
         )
     except PromptError as exc:  # not even one row fits as it is: the map prompts shorten it
         logger.info("The single-question prompt cannot be built (%s); splitting the rows", exc.message)
-        return False
-    run.shown_warnings.update(prompt.warnings)  # build_prompt has logged them
+        return False, ()
     if prompt.truncated:
-        return False
+        return False, prompt.warnings
     run.single = RunResult(q.query, rows=list(spool), columns=list(spool.columns), more_rows=spool.has_more,
                            db_time=run.read_time, prompt=prompt)
     logger.info("All %d rows fit one prompt (%d tokens, %s): one call", spool.count, prompt.estimated_tokens,
                 prompt.token_counter)
-    return True
+    return True, prompt.warnings
 
 
 def _ask_once(question: Question, settings: Settings, backend: Any, run: MapReduceRun, report: Reporter) -> None:
@@ -170,17 +176,20 @@ def _ask_once(question: Question, settings: Settings, backend: Any, run: MapRedu
     single.answer = generation.text
     single.model_stats = generation.stats
     run.answer = single.answer
+    log_difference(single.prompt.estimated_tokens, single.prompt.token_counter,
+                   getattr(generation.stats, "input_tokens", None))
 
 
 class _Planner:
     """The map prompts of a run, packed from the spool as they are asked for, and the reduce prompts.
 
     Creating it checks, before any call, that two partial answers of full length fit one reduce
-    prompt (else PromptError: the levels could never end).
+    prompt (else PromptError: the levels could never end). Each warning is logged once, as it
+    arises (``said``: those the single-question prompt logged already), and kept in ``run.warnings``.
     """
 
     def __init__(self, question: Question, options: AllRowsOptions, spool: RowSpool, settings: Settings,
-                 counter: TokenCounter, run: MapReduceRun) -> None:
+                 counter: TokenCounter, run: MapReduceRun, said: tuple[str, ...] = ()) -> None:
         q = self.question = question
         self.options, self.spool, self.run, self.counter = options, spool, run, counter
         self.key = _key_function(q, settings)
@@ -189,9 +198,10 @@ class _Planner:
                                       max_new_tokens=max_new, counter=counter)
         self.mapped = mapped
         run.budget, run.counter = mapped.budget, counter.name
-        for message in mapped.warnings:  # about the template: shown once, as the run starts
-            if message not in run.shown_warnings:
+        for message in mapped.warnings:
+            if message not in said:
                 logger.warning("%s", message)
+            run.warnings.append(message)
         values = {"question": mapped.question, "query": q.query, "context": q.context or "",
                   "columns": ", ".join(map(str, spool.columns))}
         self.reducer = mr_prompts.ReducePrompts(options.reduce_template, values, spool.count, budget=mapped.budget,
@@ -214,7 +224,7 @@ class _Planner:
                            note=mr_prompts.map_note(self.spool.count, self.spool.has_more), shorten=True)
         for index, chunk in enumerate(packer):
             shortened = tuple({"row": s.index + 1, "max_cell_chars": s.max_cell_chars} for s in chunk.shortened)
-            for cut in shortened:
+            for cut in shortened:  # the row packer logged it as it shortened the row
                 run.warnings.append(f"Row {cut['row']:,} was too large for one prompt: its values were cut to "
                                     f"{cut['max_cell_chars']:,} characters (flagged in the plan).")
             call = Call("map", 0, index, chunk.start + 1, chunk.end, self.key(chunk.text), chunk.tokens,
@@ -227,14 +237,18 @@ class _Planner:
 
     def _planned(self) -> None:
         run = self.run
+        run.map_planned = True
         run.expected_levels = mr_prompts.calls_per_level(len(run.map_calls), run.fan_in or 2)
+        run.expected_reduce_tokens = mr_prompts.reduce_prompt_tokens(
+            len(run.map_calls), run.fan_in or 2, run.max_new_tokens or 0, self.reducer.frame_tokens())
         logger.info("Plan: %d rows in %d map prompts of up to %d tokens (%s); reduce calls expected per level: %s",
                     run.rows_total, len(run.map_calls), run.budget, run.counter, run.expected_levels)
         levels = len(run.expected_levels or [])
         if levels > self.options.max_levels:
-            run.warnings.append(
-                f"Answers of the full {run.max_new_tokens:,} tokens would need {levels} reduce levels, more than "
-                f"--max-reduce-levels {self.options.max_levels}; shorter answers need fewer.")
+            message = (f"Answers of the full {run.max_new_tokens:,} tokens would need {levels} reduce levels, more "
+                       f"than --max-reduce-levels {self.options.max_levels}; shorter answers need fewer.")
+            logger.warning("%s", message)
+            run.warnings.append(message)
 
 
 def _key_function(q: Question, settings: Settings) -> Callable[[str], str]:
@@ -276,24 +290,31 @@ def _map_and_reduce(question: Question, options: AllRowsOptions, settings: Setti
     q = question
     checkpoint = _open_checkpoint(options, run, parts)
     try:
-        concurrency = options.concurrency or max(1, int(backend.capacity))
+        capacity = max(1, int(backend.capacity))
+        concurrency = options.concurrency or capacity
+        if concurrency > capacity:
+            report.message(f"Note: --concurrency {concurrency} is more than the model servers run at once "
+                           f"({capacity}): the extra calls wait on the laptop.")
         system_tokens = sum(map(counter.count, planner.reducer.outside)) if q.system_prompt else 0
-        # API_MAX_ATTEMPTS bounds the attempts of each call, as it bounds the transport's own retries.
+        # API_MAX_ATTEMPTS bounds the attempts of each call, as it bounds the transport's own retries,
+        # unless the command was told otherwise (--retries).
+        attempts = settings.api_max_attempts if options.attempts is None else options.attempts
         call_settings = CallSettings(q.system_prompt, run.max_new_tokens or 0, q.temperature, concurrency,
-                                     system_tokens=system_tokens, attempts=settings.api_max_attempts, sleep=sleep)
+                                     system_tokens=system_tokens, attempts=attempts, sleep=sleep)
         calls = CallRunner(backend, call_settings,
                            checkpoint, stream=report.stream, quiet=report.quiet)
         run.concurrency = concurrency
         report.message(f"Map: the rows in prompts of up to {run.budget:,} tokens, {concurrency} call"
                        f"{'s' if concurrency != 1 else ''} at a time ...")
         try:
-            chunks = planner.chunks()
-            try:
-                calls.run(chunks, "map")
-            except PipelineError:
-                for _ in chunks:  # finish the plan (no calls), so the report says how many calls are left
-                    pass
-                raise
+            # Every map prompt is packed at once, ahead of the calls: the progress has its total
+            # within seconds, and a stopped run knows how many calls are left.
+            with PackAhead(planner.chunks(), calls.set_total) as packed:
+                try:
+                    calls.run(packed, "map")
+                except PipelineError:
+                    packed.wait()  # finish the plan (no calls), so the report says how many calls are left
+                    raise
             _reduce(run, planner.reducer, calls, options.max_levels, planner.key, report)
         finally:
             run.token_check = calls.tokens.summary()

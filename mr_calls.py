@@ -142,23 +142,38 @@ class CallRunner:
         self.tokens = TokenCheck()
         self._stream, self._quiet = stream, quiet
         self._stop = threading.Event()
+        self._bar: ProgressBar | None = None
+        self._total: int | None = None  # of the level running or about to run, once known
+        self._bar_lock = threading.Lock()
 
     def run(self, jobs: Iterable[tuple[Call, str]], label: str, total: int | None = None) -> None:
         """Answer every call (filling ``answer``, ``stats``, ``reused``, ``attempts``); raise the first failure.
 
         ``jobs`` yields ``(call, prompt)`` and is read in this thread, only while fewer than twice
-        ``concurrency`` calls wait or run: a generator that packs prompts as it goes keeps ahead of
-        the workers without holding every prompt. ``total`` (when known) sizes the progress bar; it
-        is set once ``jobs`` is exhausted otherwise.
+        ``concurrency`` calls wait or run, so no more prompts than that are held. ``total`` (when
+        known) sizes the progress bar; else :meth:`set_total` does once it is known, or the end
+        of ``jobs``.
         """
         bar = None
-        if self._stream is not None:
-            bar = ProgressBar(total, unit="calls", stream=self._stream, quiet=self._quiet, label=label)
+        with self._bar_lock:
+            total = total if total is not None else self._total
+            if self._stream is not None:
+                bar = self._bar = ProgressBar(total, unit="calls", stream=self._stream, quiet=self._quiet,
+                                              label=label)
         try:
             self._run_workers(iter(jobs), bar)
         finally:
+            with self._bar_lock:
+                self._bar, self._total = None, None
             if bar is not None:
                 bar.close()
+
+    def set_total(self, total: int) -> None:
+        """The calls planned for the level that runs next or now (from any thread)."""
+        with self._bar_lock:
+            self._total = total
+            if self._bar is not None:
+                self._bar.set_total(total)
 
     def _reuse(self, call: Call) -> bool:
         record = self.checkpoint.get(call.key) if self.checkpoint is not None else None

@@ -70,7 +70,8 @@ def _options(args: argparse.Namespace, command: Command) -> AllRowsOptions:
     if template is not None:
         mr_prompts.check_reduce_template(template)  # a typo fails before the query runs
     return AllRowsOptions(reduce_template=template, max_levels=args.max_reduce_levels or DEFAULT_MAX_LEVELS,
-                          output=command.output)
+                          concurrency=args.concurrency, output=command.output,
+                          attempts=None if args.retries is None else args.retries + 1)
 
 
 def run_and_report(args: argparse.Namespace, command: Command, console: Any) -> ExitCode:
@@ -86,19 +87,18 @@ def run_and_report(args: argparse.Namespace, command: Command, console: Any) -> 
             console.progress(f"Querying {command.settings.db_display()} ...")
         reporter = Reporter(console.progress, console.err, console.quiet)
         run_all_rows(question, options, command.settings, backend, run, dry_run=command.dry_run, reporter=reporter)
-        return _report(command, run, console)
+        return _report(command, run, console, options)
     except (KeyboardInterrupt, PipelineError) as exc:
         return _report_failure(exc, args, command, run, console)
 
 
 def _notes(run: MapReduceRun, console: Any) -> None:
-    for warning in run.warnings:
-        console.progress(f"Warning: {warning}")
+    # run.warnings were logged as they arose (on stderr then): not repeated here.
     if run.checkpoint_notice:
         console.progress(f"Note: {run.checkpoint_notice}")
 
 
-def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
+def _report(command: Command, run: MapReduceRun, console: Any, options: AllRowsOptions) -> ExitCode:
     _notes(run, console)
     if not run.rows_total:
         console.progress("The query returned no rows: nothing was sent to the model.")
@@ -108,17 +108,7 @@ def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
     if run.single is not None:
         return _report_single(command, run, console)
     if command.dry_run:
-        capacity, found = probe_capacity(command.settings)
-        estimate = estimate_seconds(run, capacity) if capacity else None
-        console.progress(f"Dry run: {len(run.map_calls):,} map calls planned over {run.rows_total:,} rows; "
-                         "nothing was sent to the model.")
-        if command.json:
-            doc = document(run, None)
-            doc["plan"].update(servers=found, capacity=capacity, estimated_seconds=estimate)
-            console.emit_json(doc, command.output)
-        else:
-            console.emit(plan_text(run, capacity, found, estimate), command.output)
-        return ExitCode.OK
+        return _report_plan(command, run, console, options)
     assert run.answer is not None
     if command.json:
         console.emit_json(document(run, run.answer), command.output)
@@ -129,6 +119,23 @@ def _report(command: Command, run: MapReduceRun, console: Any) -> ExitCode:
     if run.checkpoint_path:
         console.progress(f"Answers are checkpointed in {run.checkpoint_path} (a rerun of this command reuses them).")
     logger.info("Done: %s", summary)
+    return ExitCode.OK
+
+
+def _report_plan(command: Command, run: MapReduceRun, console: Any, options: AllRowsOptions) -> ExitCode:
+    """The dry run's plan, with the time at the servers' capacity (or at --concurrency, when lower)."""
+    capacity, found = probe_capacity(command.settings)
+    run.concurrency = options.concurrency or capacity
+    at_once = min(capacity, run.concurrency or capacity) if capacity else None
+    estimate = estimate_seconds(run, at_once) if at_once else None
+    console.progress(f"Dry run: {len(run.map_calls):,} map calls planned over {run.rows_total:,} rows; "
+                     "nothing was sent to the model.")
+    if command.json:
+        doc = document(run, None)
+        doc["plan"].update(servers=found, capacity=capacity, estimated_seconds=estimate)
+        console.emit_json(doc, command.output)
+    else:
+        console.emit(plan_text(run, at_once, found, estimate), command.output)
     return ExitCode.OK
 
 
@@ -169,7 +176,7 @@ def document(run: MapReduceRun | None, answer: str | None, error: dict[str, Any]
         doc = {
             "ok": error is None, "answer": answer, "complete": complete and answer is not None,
             "rows_shown": stats.get("rows_shown", 0), "rows_total": run.rows_total if run else 0,
-            "more_rows": bool(run and run.more_rows), "truncated": False, "prompt_chars": None,
+            "more_rows": bool(run and run.more_rows), "truncated": False, "hint": None, "prompt_chars": None,
             "prompt_tokens_estimate": stats.get("prompt_tokens"), "protocol": stats.get("protocol"),
             "model": stats.get("model"), "stats": stats, "query": run.query if run else None, "error": error,
         }
@@ -217,7 +224,8 @@ def _save_partial(output: str, doc: dict[str, Any], console: Any) -> None:
 def _kept_message(run: MapReduceRun) -> str:
     done, planned = run.answers_done()
     reduced = sum(1 for level in run.levels for c in level if not c.carried and c.answer is not None)
-    text = f"Stopped with {done:,} of {planned:,} map answers" + (f" and {reduced:,} reduce answers" if reduced else "")
+    of = f"{planned:,}" if run.map_planned else f"at least {planned:,} (the rest were not packed yet)"
+    text = f"Stopped with {done:,} of {of} map answers" + (f" and {reduced:,} reduce answers" if reduced else "")
     if run.checkpoint_path:
         return (f"{text}; they are kept in {run.checkpoint_path}. Run the same command again to continue: "
                 "it sends only the calls that are missing.")

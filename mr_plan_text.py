@@ -75,10 +75,14 @@ def plan_text(run: MapReduceRun, capacity: int | None, found: str, estimate: flo
         + ", ".join(f"row {s['row']:,} to {s['max_cell_chars']:,} chars" for s in shortened[:5])
         + (", ..." if len(shortened) > 5 else "") + ")")
     reduce_calls = sum(levels)
+    reduce_tokens = sum(run.expected_reduce_tokens)
     add("reduce", f"{len(levels)} level{'s' if len(levels) != 1 else ''} expected: "
         f"{' + '.join(f'{n:,}' for n in levels) or '0'} call{'s' if reduce_calls != 1 else ''} (answers of up to "
-        f"{run.max_new_tokens or 0:,} tokens; {run.fan_in or 0:,} fit one reduce prompt)")
-    add("calls in all", f"{len(calls) + sum(levels):,}")
+        f"{run.max_new_tokens or 0:,} tokens; {run.fan_in or 0:,} fit one reduce prompt)"
+        + (f", up to {reduce_tokens:,} tokens in all" if reduce_tokens else ""))
+    expected = run.expected_tokens() or {"prompt": 0, "generated": 0}
+    add("calls in all", f"{len(calls) + sum(levels):,}: up to {expected['prompt']:,} prompt tokens and "
+        f"{expected['generated']:,} generated")
     if capacity and estimate is not None:
         basis = ("the median time of this job's earlier calls" if _measured_call_seconds(run) is not None else
                  f"{PROMPT_TOKENS_PER_SECOND:,.0f} prompt tokens/s and {GENERATED_TOKENS_PER_SECOND:,.0f} "
@@ -115,5 +119,5 @@ def stats_line(run: MapReduceRun) -> str:
     if tokens:
         parts.append("tokens " + " / ".join(tokens))
     if stats.get("rows_shortened"):
-        parts.append(f"{stats['rows_shortened']:,} rows shortened")
+        parts.append(f"{stats['rows_shortened']:,} row{'s' if stats['rows_shortened'] != 1 else ''} shortened")
     return " | ".join(parts)

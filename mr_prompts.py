@@ -232,6 +232,18 @@ class ReducePrompts:
         return ReduceGroup(tuple(range(start, end)), chosen[0].first_row, chosen[-1].last_row, text, tokens)
 
 
+def reduce_prompt_tokens(calls: int, fan_in: int, answer_tokens: int, frame_tokens: int) -> list[int]:
+    """Prompt tokens of each reduce level, at most, when every answer has ``answer_tokens`` tokens.
+
+    A level of ``n`` answers in ``c`` prompts costs ``c`` frames plus ``n`` headed answers.
+    """
+    tokens = []
+    for level_calls in calls_per_level(calls, fan_in) or []:
+        tokens.append(level_calls * frame_tokens + calls * (answer_tokens + _HEADING_TOKENS))
+        calls = level_calls
+    return tokens
+
+
 def calls_per_level(calls: int, fan_in: int) -> list[int] | None:
     """Reduce calls at each level for ``calls`` answers when each reduce call takes ``fan_in`` (None: never ends)."""
     if calls > 1 and fan_in < 2:

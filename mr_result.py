@@ -36,7 +36,10 @@ class MapReduceRun:
     fan_in: int | None = None  # answers of full length one reduce prompt holds
     #: Reduce calls per level expected when every answer has max_new_tokens tokens (None: never ends).
     expected_levels: list[int] | None = None
+    #: Prompt tokens of each expected reduce level, at most (answers of max_new_tokens tokens).
+    expected_reduce_tokens: list[int] = field(default_factory=list)
     map_calls: list[Call] = field(default_factory=list)
+    map_planned: bool = False  # every chunk is packed: map_calls is the whole map level
     sample_prompt: str | None = None  # the first map prompt, for the dry run
     levels: list[list[Call]] = field(default_factory=list)  # reduce levels, one entry per group
     answer: str | None = None
@@ -46,7 +49,6 @@ class MapReduceRun:
     reusable: int = 0  # answers of this job found in the checkpoint
     token_check: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)  # reported once the run ends
-    shown_warnings: set[str] = field(default_factory=set)  # already logged as the run went
     total_time: float | None = None
 
     @property
@@ -113,6 +115,14 @@ class MapReduceRun:
         stats["token_check"] = self.token_check
         return stats
 
+    def expected_tokens(self) -> dict[str, int] | None:
+        """What the whole plan sends and asks for, at most: ``prompt`` and ``generated`` tokens (None: one prompt)."""
+        if self.single is not None or not self.map_calls:
+            return None
+        calls = len(self.map_calls) + sum(self.expected_levels or [])
+        return {"prompt": sum(c.prompt_tokens for c in self.map_calls) + sum(self.expected_reduce_tokens),
+                "generated": calls * (self.max_new_tokens or 0)}
+
     def plan(self) -> dict[str, Any]:
         """The plan as it was run: which rows fed which map call, every answer, the reduce levels."""
         return {
@@ -124,10 +134,13 @@ class MapReduceRun:
             "max_new_tokens": self.max_new_tokens,
             "map_calls": len(self.map_calls) if self.single is None else 1,
             "expected_reduce_calls_per_level": self.expected_levels,
+            "expected_reduce_prompt_tokens_per_level": self.expected_reduce_tokens,
+            "expected_tokens": self.expected_tokens(),
             "concurrency": self.concurrency,
             "checkpoint": self.checkpoint_path,
             "reusable_answers": self.reusable,
             "shortened_rows": self.shortened_rows(),
+            "warnings": list(self.warnings),
             "map": [_call_entry(c) for c in self.map_calls],
             "reduce": [{"level": n, "calls": [_call_entry(c) for c in level]}
                        for n, level in enumerate(self.levels, start=1)],

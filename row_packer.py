@@ -495,5 +495,6 @@ class RowPacker:
                 high = mid - 1
             else:
                 low, best = mid, attempt
-        logger.warning("Row %d was too large for one prompt; its values were cut to %d characters", start + 1, low)
+        logger.warning("Row %s was too large for one prompt; its values were cut to %s characters", f"{start + 1:,}",
+                       f"{low:,}")
         return best

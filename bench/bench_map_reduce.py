@@ -2,6 +2,7 @@
 
     python bench/bench_map_reduce.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
                                      [--rows 20000] [--budget 4000] [--delay 0.1] [--slots 4]
+                                     [--memory 20000 200000]
 
 It creates a throwaway database with ``--rows`` review-like rows (Korean and English text, a
 rating, a date), starts a loopback llama.cpp-like server that reports ``--slots`` slots and
@@ -14,17 +15,26 @@ rows with a ``--budget``-token prompt budget. It prints:
 * speed: the wall time of the whole run (spool, plan, map, reduce) against calls / (slots /
   delay) per second (target <= 1.25x), and the server's peak concurrent generations;
 * token counting: the estimate against the real count on the sample data, Korean and English
-  text and random hashes, and the time to count 1 MB (from bench_token_count.py).
+  text and random hashes, and the time to count 1 MB (from bench_token_count.py);
+* with ``--memory SMALL LARGE``: the peak RSS of the real command (a separate process, measured
+  by ``os.wait4`` in a small launcher) over SMALL and then LARGE rows, default prompt budget, an instant 8-slot server.
+
+The speed is measured twice: the engine in this process through the servers' pool (the backend
+the command builds), and the real command as a separate process from start to exit, interpreter
+start and the database read included.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,14 +48,13 @@ import psycopg2.extras  # noqa: E402
 
 import bench_token_count  # noqa: E402
 import config  # noqa: E402
+import mr_cli  # noqa: E402
 import resources  # noqa: E402
 import token_count  # noqa: E402
 from bench_pipeline import create_sample_database, drop_database  # noqa: E402
 from fake_map_reduce_server import MapReduceOpenAIServer  # noqa: E402
 from map_reduce import AllRowsOptions, run_all_rows  # noqa: E402
 from runner import Question  # noqa: E402
-from server_client import ServerClient  # noqa: E402
-from single_server_backend import SingleServerBackend  # noqa: E402
 from value_format import row_layout  # noqa: E402
 
 QUERY = "SELECT * FROM bench_reviews ORDER BY id"
@@ -109,10 +118,11 @@ def packing(url: str, budget: int) -> None:
 
 
 def speed(url: str, budget: int, delay: float, slots: int) -> None:
+    """The engine in this process through the servers' pool, as the command builds it."""
     with MapReduceOpenAIServer(slots=slots, delay=delay) as server:
         settings = config.load_settings({"DATABASE_URL": url, "API_BASE_URL": server.base_url, "LOG_FILE": "",
                                          "API_TIMEOUT": 60}, environ={})
-        backend = SingleServerBackend(ServerClient(settings))
+        backend = mr_cli.model_backend(settings)
         assert backend.capacity == slots
         question = Question(QUERY, fetch_rows=None, prompt_tokens=budget)
         started = time.perf_counter()
@@ -133,9 +143,81 @@ def speed(url: str, budget: int, delay: float, slots: int) -> None:
           f"(the rows left over): {last[0]:.1%}")
     print(f"speed: {calls} calls ({len(run.map_calls)} map + {calls - len(run.map_calls)} reduce in "
           f"{len(run.levels)} level(s)), server of {slots} slots, {delay * 1000:.0f} ms per call")
-    print(f"  wall time {wall:.2f} s, floor calls / {rate:.0f} per s = {floor:.2f} s, ratio x{wall / floor:.3f} "
-          f"(target <= 1.25); peak concurrent generations {peak} (limit {slots})")
+    print(f"  engine in this process (server pool): wall time {wall:.2f} s, floor calls / {rate:.0f} per s = "
+          f"{floor:.2f} s, ratio x{wall / floor:.3f} (target <= 1.25); peak concurrent generations {peak} "
+          f"(limit {slots})")
     print(f"  answer: {run.answer!r}")
+
+
+def command_env(url: str, server_url: str, cache: str) -> dict[str, str]:
+    names = {var.name for var in config.VARIABLES} | {"ENV_FILE"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(DATABASE_URL=url, API_BASE_URL=server_url, LOG_FILE="", API_TIMEOUT="60", XDG_CACHE_HOME=cache)
+    return env
+
+
+# Runs the command in a fresh child of a small process and writes the child's peak RSS (KiB) to
+# argv[1]. Linux counts the peak of the memory a process had before exec in its ru_maxrss, and a
+# child started straight from this benchmark (hundreds of MB of rows and vocabulary) would report
+# this process's size instead of its own.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_command(args: list[str], env: dict[str, str]) -> tuple[float, float, dict]:
+    """(wall seconds, peak RSS in MB, the --json document) of the real command, run to its end."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, "-c", _LAUNCHER, peak.name, sys.executable,
+                                str(REPO_ROOT / "db_to_model_pipeline.py"), *args, "--json", "-q",
+                                "--env-file", os.devnull], env=env, stdout=out, stderr=err)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise SystemExit(f"the command exited {code}:\n{err.read().decode('utf-8', 'replace')}")
+        return wall, int(peak.read()) / 1024, json.loads(out.read())
+
+
+def whole_command(url: str, budget: int, delay: float, slots: int) -> None:
+    """The real command as a separate process, from start to exit (interpreter start and the read included)."""
+    with MapReduceOpenAIServer(slots=slots, delay=delay) as server, tempfile.TemporaryDirectory() as cache:
+        wall, _, doc = run_command(["--query", QUERY, "--all-rows", "--prompt-budget", str(budget)],
+                                   command_env(url, server.base_url, cache))
+        peak = server.peak_generations
+    calls = doc["stats"]["map_calls"] + doc["stats"]["reduce_calls"]
+    floor = calls / (slots / delay)
+    print(f"  whole command (python db_to_model_pipeline.py --all-rows ...): {calls} calls, wall time {wall:.2f} s, "
+          f"ratio x{wall / floor:.3f} to the floor (target <= 1.25); peak concurrent generations {peak}")
+
+
+def memory(admin_url: str, sizes: tuple[int, int]) -> None:
+    """Peak RSS of the real command over ``sizes`` rows (default prompt budget, an instant 8-slot server)."""
+    url = create_sample_database(admin_url)
+    try:
+        load_rows(url, max(sizes))
+        peaks = []
+        with MapReduceOpenAIServer(slots=8) as server, tempfile.TemporaryDirectory() as cache:
+            for rows in sorted(sizes):
+                query = f"SELECT * FROM bench_reviews WHERE id <= {rows} ORDER BY id"
+                wall, rss, doc = run_command(["--query", query, "--all-rows", "--max-new-tokens", "60"],
+                                             command_env(url, server.base_url, cache))
+                assert doc["rows_total"] == rows and doc["answer"] == f"SUM 1-{rows}", doc["answer"]
+                peaks.append(rss)
+                print(f"  {rows:,} rows: {doc['stats']['map_calls']} map + {doc['stats']['reduce_calls']} reduce "
+                      f"calls, {wall:.1f} s, peak RSS {rss:.1f} MB")
+        print(f"  peak RSS {max(sizes):,} rows / {min(sizes):,} rows: x{peaks[-1] / peaks[0]:.2f} (flat memory)")
+    finally:
+        resources.close_resources()
+        drop_database(admin_url, url)
 
 
 def counting() -> None:
@@ -169,6 +251,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=4000)
     parser.add_argument("--delay", type=float, default=0.1)
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--memory", type=int, nargs=2, metavar=("SMALL", "LARGE"),
+                        help="also measure the peak RSS of the real command over SMALL and LARGE rows "
+                        "(e.g. --memory 20000 200000)")
     args = parser.parse_args()
     print(f"map-reduce benchmark — Python {sys.version.split()[0]}, {os.cpu_count()} cores")
     url = create_sample_database(args.admin_url)
@@ -176,11 +261,15 @@ def main() -> None:
         load_rows(url, args.rows)
         packing(url, args.budget)
         speed(url, args.budget, args.delay, args.slots)
+        whole_command(url, args.budget, args.delay, args.slots)
     finally:
         resources.close_resources()
         drop_database(args.admin_url, url)
     print("token counting")
     counting()
+    if args.memory:
+        print("memory of the whole command")
+        memory(args.admin_url, tuple(args.memory))
 
 
 if __name__ == "__main__":

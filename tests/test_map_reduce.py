@@ -8,8 +8,6 @@ must be killed.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import stat
@@ -17,14 +15,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-import psycopg2
 import pytest
 
-import db_to_model_pipeline as pipeline
-from conftest import REPO_ROOT, SETTING_NAMES, reset_process_state
+from conftest import SETTING_NAMES
 from fake_map_reduce_server import (
     MARKER,
     MapReduceOllamaServer,
@@ -33,66 +27,17 @@ from fake_map_reduce_server import (
     summarise,
 )
 from fake_pc_server import FakePCServer
-
-SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
-ROWS = 3000
-QUERY = "SELECT * FROM mr_reviews ORDER BY id"
-# A small budget over 3,000 rows: about 30 map prompts.
-SMALL = ("--prompt-budget", "1500", "--max-new-tokens", "30")
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> dict:
-        return json.loads(self.stdout)
-
+from mr_fixtures import QUERY, ROWS, SCRIPT, SMALL, all_calls, answers_in, cli_runner, create_mr_table
 
 @pytest.fixture(scope="module")
 def mr_table(test_db_url):
-    """3,000 review-like rows, each with a unique marker r000001 ... r003000."""
-    conn = psycopg2.connect(test_db_url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "DROP TABLE IF EXISTS mr_reviews; "
-            "CREATE TABLE mr_reviews AS SELECT g AS id, 'r' || lpad(g::text, 6, '0') AS marker, 1 + g % 5 AS rating, "
-            "CASE WHEN g % 2 = 0 THEN '배송이 빠르고 포장도 꼼꼼했어요' ELSE 'Smaller than expected; asked for an exchange' "
-            f"END AS body FROM generate_series(1, {ROWS}) g"
-        )
-    conn.close()
-    return "mr_reviews"
+    return create_mr_table(test_db_url)
 
 
 @pytest.fixture
 def run(test_db_url, tmp_path, monkeypatch, mr_table):
     """Run the command in-process, settings in the environment, the cache directory in tmp_path."""
-
-    def runner(*args: str, env: dict | None = None) -> CliResult:
-        values = {"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), "API_CONNECT_TIMEOUT": "1",
-                  "XDG_CACHE_HOME": str(tmp_path / "cache")}
-        values.update(env or {})
-        out, err = io.StringIO(), io.StringIO()
-        with monkeypatch.context() as patch:
-            for name, value in values.items():
-                patch.setenv(name, value)
-            code = pipeline.main(list(args), stdin=io.StringIO(""), stdout=out, stderr=err)
-        reset_process_state()
-        return CliResult(code, out.getvalue(), err.getvalue())
-
-    return runner
-
-
-def answers_in(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("type") == "answer"]
-
-
-def all_calls(doc: dict) -> list[dict]:
-    return doc["plan"]["map"] + [c for level in doc["plan"]["reduce"] for c in level["calls"] if not c["carried"]]
+    return cli_runner(test_db_url, tmp_path, monkeypatch)
 
 
 # --- the plan, at the server ------------------------------------------------------------------
@@ -205,6 +150,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(run):
     out = result.stdout
     assert f"rows             {ROWS:,}" in out
     assert "map calls" in out and "tokens in all" in out and "level" in out and "calls in all" in out
+    assert "prompt tokens and" in out and "generated" in out
     assert f"({srv.base_url} answered the health check;" in out and "about " in out
     assert "First map prompt:" in out and "one part of the data" in out
     assert "nothing was sent" in result.stderr
@@ -219,6 +165,11 @@ def test_dry_run_without_a_server_still_plans(run):
     assert sum(c["last_row"] - c["first_row"] + 1 for c in plan["map"]) == ROWS
     assert all(c["answer"] is None and c["prompt_tokens"] <= 1500 for c in plan["map"])
     assert plan["expected_reduce_calls_per_level"][-1] == 1
+    levels = plan["expected_reduce_prompt_tokens_per_level"]
+    assert len(levels) == len(plan["expected_reduce_calls_per_level"]) and all(t > 0 for t in levels)
+    calls = plan["map_calls"] + sum(plan["expected_reduce_calls_per_level"])
+    assert plan["expected_tokens"] == {"prompt": sum(c["prompt_tokens"] for c in plan["map"]) + sum(levels),
+                                       "generated": calls * 30}
 
 
 # --- convergence ------------------------------------------------------------------------------
@@ -371,7 +322,8 @@ def test_a_row_too_large_for_a_prompt_is_shortened_and_flagged_never_dropped(run
     doc = result.json()
     assert [s["row"] for s in doc["plan"]["shortened_rows"]] == [1] and doc["stats"]["rows_shortened"] == 1
     assert doc["plan"]["map"][0]["shortened"][0]["max_cell_chars"] < 100000
-    assert "Warning: Row 1 was too large for one prompt" in result.stderr
+    assert result.stderr.count("Row 1 was too large for one prompt") == 1  # said once, as it happened
+    assert "1 row shortened" in result.stderr and doc["plan"]["warnings"][0].startswith("Row 1 was too large")
     seen = Counter(m for prompt in srv.map_prompts() for m in MARKER.findall(prompt))
     assert set(seen) == {f"r{n:06d}" for n in range(1, 301)}
 

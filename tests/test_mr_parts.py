@@ -87,6 +87,13 @@ def test_calls_per_level(calls, fan_in, levels):
     assert mr_prompts.calls_per_level(calls, fan_in) == levels
 
 
+def test_reduce_prompt_tokens_per_level_count_frames_and_full_length_answers():
+    heading = mr_prompts._HEADING_TOKENS
+    # 63 answers of 100 tokens, 10 per prompt: 7 prompts, then 1 over the 7 answers they give.
+    assert mr_prompts.reduce_prompt_tokens(63, 10, 100, 50) == [7 * 50 + 63 * (100 + heading), 50 + 7 * (100 + heading)]
+    assert mr_prompts.reduce_prompt_tokens(1, 10, 100, 50) == []
+
+
 def test_reduce_templates_are_checked():
     assert mr_prompts.check_reduce_template("Merge {answers} for {rows}").names == ("answers", "rows")
     with pytest.raises(PromptError, match=r"no \{answers\} placeholder"):
