@@ -7,7 +7,10 @@ It speaks the real protocols (pc: ``/api/health``, ``/api/generate`` with stats;
 ``/api/version``, ``/api/tags``, ``/api/chat`` with NDJSON streaming and nanosecond durations;
 OpenAI-compatible: ``/v1/models``, ``/v1/chat/completions`` with SSE streaming and usage), so
 detection, streaming and statistics work as with a real server. There is no model: answers are
-canned text saying they come from this demo and what it received. Standard library only.
+canned text saying they come from this demo and what it received. When JSON matching a schema is
+asked for (Ollama's ``format``, OpenAI's ``response_format``, or a JSON Schema in the prompt, the
+only way the pc server can be asked), the answer is a small JSON value built from the schema
+(:mod:`demo_structured`), so ``--per-row --schema`` runs too. Standard library only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable, Sequence
+
+from demo_structured import structured_answer
 
 PROTOCOLS = ("pc", "ollama", "openai")
 DEFAULT_PORT = 8000
@@ -49,6 +54,12 @@ def demo_answer(prompt: str, system_prompt: str | None = None) -> str:
             f"not from a model. It received {describe_prompt(prompt, system_prompt)}. The whole chain works: "
             "database, prompt, model server, answer and statistics. For real answers, start the model server "
             "on the PC and set PC_IP (or API_BASE_URL) to its address.")
+
+
+def answer_for(protocol: str, body: Any, prompt: str, system_prompt: str | None) -> str:
+    """JSON built from the schema when one is asked for (by the request or in the prompt), else the canned prose."""
+    structured = structured_answer(protocol, body if isinstance(body, dict) else {}, prompt)
+    return structured if structured is not None else demo_answer(prompt, system_prompt)
 
 
 def pieces_of(text: str) -> list[str]:
@@ -114,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             started = time.perf_counter()
             system = body.get("system_prompt")
-            answer = demo_answer(prompt, system)
+            answer = answer_for("pc", body, prompt, system)
             generated = len(pieces_of(answer))
             self.pace(generated)  # no streaming: the whole answer after the "generation"
             elapsed = max(time.perf_counter() - started, 1e-3)
@@ -181,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(message, dict) and message.get("role") in texts:
                 texts[str(message["role"])].append(str(message.get("content") or ""))
         prompt, system = "\n".join(texts["user"]), "\n".join(texts["system"]) or None
-        return prompt, system, pieces_of(demo_answer(prompt, system))
+        return prompt, system, pieces_of(answer_for(self.server.demo.protocol, body, prompt, system))
 
     # --- OpenAI-compatible ---
 
