@@ -181,6 +181,20 @@ def test_a_changed_template_is_refused_and_restart_keeps_the_old_file(run, tmp_p
     assert len(posts(srv)) == 40
 
 
+def test_a_template_file_changed_near_its_end_is_refused_showing_the_change(run, tmp_path):
+    template = (REPO_ROOT / "examples" / "templates" / "review_sentiment_per_row.txt").read_text(encoding="utf-8")
+    (tmp_path / "t.txt").write_text(template, encoding="utf-8")
+    args = ["--per-row", "--query", REVIEWS, "--template-file", "t.txt", "--schema", SCHEMA_FILE,
+            "--output", "s.jsonl"]
+    with FakeOllamaServer(answer='{"sentiment": "neutral", "score": 0, "topics": []}') as srv:
+        assert run(*args, env={"API_BASE_URL": srv.base_url}).returncode == 0
+        (tmp_path / "t.txt").write_text(template.replace("Review: {row.body}", "Text: {row.body}"), encoding="utf-8")
+        changed = run(*args, env={"API_BASE_URL": srv.base_url})
+    assert changed.returncode == 2
+    line = next(line for line in changed.stderr.splitlines() if line.strip().startswith("template: "))
+    assert "Review: {row.body}" in line.split(" -> ")[0] and "Text: {row.body}" in line.split(" -> ")[1]
+
+
 def test_dry_run_shows_three_prompts_counts_tokens_and_time_without_generating(run):
     with FakeOllamaServer() as srv:
         result = run("--per-row", "--query", REVIEWS, "--template", "Sentiment of: {row.body}",
