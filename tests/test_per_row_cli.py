@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import secrets
 from collections import Counter
@@ -24,7 +25,7 @@ from conftest import REPO_ROOT, reset_process_state
 from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
-from fake_server_base import prompt_text
+from fake_server_base import free_port, prompt_text
 from results_table import CREATE_JOBS, CREATE_RESULTS
 
 BULK_ROWS = 3000
@@ -235,6 +236,25 @@ def test_schema_answers_are_parsed_and_exported_to_csv(run, tmp_path):
     assert table[1][:5] == ["1", "ok", "positive", "0.8", '["quality"]']
 
 
+def test_no_server_reachable_at_the_start_stops_at_once_before_anything_is_written(run, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a wrong address, a server not started
+    result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
+                 env={"API_BASE_URL": url})
+    assert result.returncode == 5, result.stderr
+    assert f"Cannot connect to the model server at {url}" in result.stderr and "rows wait" not in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_missing_model_stops_the_run_with_the_servers_own_error_before_any_generation(run, tmp_path):
+    with FakeOllamaServer(models=["llama3.2:latest"]) as srv:  # reachable, but without phi4
+        result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 6, result.stderr
+    assert "Stopped early:" in result.stderr and "phi4" in result.stderr and "ollama pull phi4" in result.stderr
+    assert "Cannot connect" not in result.stderr and posts(srv) == []
+    assert "20 not done" in result.stderr and rows_of(tmp_path / "o.jsonl") == []
+
+
 def test_401_stops_early_and_keeps_the_file(run, tmp_path):
     with FakeOpenAIServer(api_key="right") as srv:
         result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
@@ -362,3 +382,17 @@ def test_dry_run_after_a_partial_run_counts_what_is_left_and_times_it_from_earli
     assert "this job's earlier answers took" in dry.stderr
     assert dry.stdout.startswith("--- row 3 of 20 (id=3) ---\n#3#")
     assert len(posts(srv)) == 20
+
+
+def test_transport_retry_warnings_stay_quiet_during_a_run_unless_verbose():
+    from batch_cli import _request_logs_quiet
+
+    transport, pool = logging.getLogger("http_transport"), logging.getLogger("server_pool")
+    before = transport.level
+    with _request_logs_quiet(verbose=False):
+        # "Connecting to ... failed; retry 1" repeats for every request while a server is away.
+        assert not transport.isEnabledFor(logging.WARNING) and transport.isEnabledFor(logging.ERROR)
+        assert pool.isEnabledFor(logging.WARNING) and not pool.isEnabledFor(logging.INFO)  # down / back stay
+    with _request_logs_quiet(verbose=True):
+        assert transport.level == before
+    assert transport.level == before
