@@ -194,7 +194,7 @@ def _run(p: PerRowPlan, spool: RowSpool, prompts: RowPrompt, key: RowKey, consol
         with ProgressBar(planned, unit="rows", stream=console.err, quiet=args.quiet) as bar, \
                 _request_logs_quiet(args.verbose):
             runner = BatchRunner(backend, batch, p.ledger.write, job=p.job.fingerprint, progress=bar,
-                                 tick=p.ledger.tick, notice=console.progress)
+                                 tick=p.ledger.tick, notice=bar.note)
             summary = runner.run(_tasks(spool, prompts, key, resume.done), planned)
     finally:
         files = p.ledger.close()
