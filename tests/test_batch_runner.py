@@ -225,6 +225,7 @@ def test_a_prompt_longer_than_the_window_is_not_sent():
     (ModelServerError("busy", status=429), Failure.RETRY),
     (ModelServerError("boom", status=500), Failure.RETRY),
     (ModelServerError("key", status=401), Failure.FATAL),
+    (ModelServerError("forbidden", status=403), Failure.FATAL),
     (ModelServerError("no endpoint", status=404), Failure.FATAL),
     (ModelServerError("teapot", status=418), Failure.ROW),
     (ModelNotLoadedError("loading", status=503), Failure.RETRY),

@@ -266,6 +266,15 @@ def test_401_stops_early_and_keeps_the_file(run, tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["job"]  # the job line, valid; no row recorded
 
 
+def test_403_stops_early_after_one_request(run, tmp_path):
+    with FakeOllamaServer(fail_when="review", fail_status=403) as srv:  # a proxy that refuses this laptop
+        result = run("--per-row", "--query", REVIEWS, "--template", "review: {row.body}", "--output", "o.jsonl",
+                     "--concurrency", "1", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 6, result.stderr
+    assert "Stopped early:" in result.stderr and "403" in result.stderr and "20 not done" in result.stderr
+    assert len(posts(srv)) == 1 and rows_of(tmp_path / "o.jsonl") == []
+
+
 def test_a_template_every_server_rejects_stops_after_the_first_rows(run):
     with FakeOllamaServer(fail_when="BROKEN", fail_status=400) as srv:
         result = run("--per-row", "--query", REVIEWS, "--template", "BROKEN {row.body}",
