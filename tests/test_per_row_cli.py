@@ -26,7 +26,7 @@ from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port, prompt_text
-from results_table import CREATE_JOBS, CREATE_RESULTS
+from results_table import CREATE_JOBS, CREATE_RESULTS, setup_sql
 
 BULK_ROWS = 3000
 SCHEMA_FILE = str(REPO_ROOT / "examples" / "sentiment_schema.json")
@@ -305,10 +305,7 @@ def writer_url(test_db_url, admin_conn):
     with admin_conn.cursor() as cur:
         cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         cur.execute(f"GRANT CONNECT ON DATABASE {admin_conn.info.dbname} TO {role}")
-        cur.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-        cur.execute(CREATE_RESULTS.format(table="review_sentiment"))
-        cur.execute(CREATE_JOBS.format(jobs="review_sentiment_jobs"))
-        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON review_sentiment, review_sentiment_jobs TO {role}")
+        cur.execute(setup_sql("review_sentiment", role))  # what `python results_table.py NAME --role ROLE` prints
     parts = urlsplit(test_db_url)
     host = parts.hostname or "127.0.0.1"
     yield urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}:{parts.port or 5432}"))
