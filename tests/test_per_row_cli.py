@@ -26,7 +26,7 @@ from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port, prompt_text
-from results_table import CREATE_JOBS, CREATE_RESULTS, setup_sql
+from results_table import setup_sql
 
 BULK_ROWS = 3000
 SCHEMA_FILE = str(REPO_ROOT / "examples" / "sentiment_schema.json")
