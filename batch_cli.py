@@ -39,9 +39,13 @@ logger = logging.getLogger(__name__)
 
 #: Prompts shown by --dry-run.
 DRY_RUN_PROMPTS = 3
-#: Per-request log lines (the transport's and the server client's) that a per-row run keeps out
-#: of the log file unless --verbose: a 200,000-row run would otherwise rotate it every few minutes.
-CHATTY_LOGGERS = ("http_transport", "server_client", "server_pool")
+#: Per-request log lines that a per-row run keeps quiet unless --verbose, and the level kept.
+#: INFO lines (every request) would rotate the log file every few minutes over 200,000 rows. The
+#: transport's retry warnings ("Connecting to ... failed; retry 1") repeat for every request while a
+#: server is away; the run says it once itself (the rows waiting, each row tried again, each server
+#: down and back), so they stay out too.
+CHATTY_LOGGERS = {"http_transport": logging.ERROR, "server_client": logging.WARNING,
+                  "server_pool": logging.WARNING}
 
 
 def make_backend(settings: Settings) -> Any:
@@ -149,12 +153,12 @@ def _prompt_limits(settings: Settings, q: Any) -> tuple[int, Any]:
 
 @contextmanager
 def _request_logs_quiet(verbose: bool) -> Iterator[None]:
-    """Keep per-request INFO lines out of the log file for the run (warnings still go in)."""
+    """Keep per-request lines out of the console and the log file for the run (see CHATTY_LOGGERS)."""
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
     levels = [lg.level for lg in loggers]
     if not verbose:
         for lg in loggers:
-            lg.setLevel(logging.WARNING)
+            lg.setLevel(CHATTY_LOGGERS[lg.name])
     try:
         yield
     finally:
@@ -166,6 +170,11 @@ def _run(p: PerRowPlan, spool: RowSpool, prompts: RowPrompt, key: RowKey, consol
     args, settings, q = p.args, p.settings, p.question
     backend = make_backend(settings)
     try:
+        # Rows wait out servers that go away during a run (a PC that reboots). Not one reachable at
+        # the start is far more often a wrong address or a server not started: said at once.
+        require_reachable = getattr(backend, "require_reachable", None)
+        if require_reachable is not None:
+            require_reachable()
         capacity = backend.capacity
         concurrency = args.concurrency or capacity
         if concurrency > capacity:
@@ -186,7 +195,7 @@ def _run(p: PerRowPlan, spool: RowSpool, prompts: RowPrompt, key: RowKey, consol
         with ProgressBar(planned, unit="rows", stream=console.err, quiet=args.quiet) as bar, \
                 _request_logs_quiet(args.verbose):
             runner = BatchRunner(backend, batch, p.ledger.write, job=p.job.fingerprint, progress=bar,
-                                 tick=p.ledger.tick, notice=console.progress)
+                                 tick=p.ledger.tick, notice=bar.note)
             summary = runner.run(_tasks(spool, prompts, key, resume.done), planned)
     finally:
         files = p.ledger.close()

@@ -431,7 +431,8 @@ class BatchRunner:
         """Wait before trying again while no server answers; False once the outage is too long."""
         now = self._clock()
         with self._lock:
-            if self._down_since is None:
+            starting = self._down_since is None
+            if starting:
                 self._down_since = now
             down_for = now - self._down_since
         limit = self.settings.down_limit
@@ -439,7 +440,7 @@ class BatchRunner:
             self._stop(f"no model server could be reached for {down_for:.0f} s (more than {limit:g} s): "
                        f"{error.message}", error.exit_code, error)
             return False
-        if waits == 1:
+        if starting:  # once per outage, not once per row waiting in it
             logger.warning("No model server reachable (%s); rows wait, up to %g s in all", error.message, limit)
         self._sleep(min(backoff(waits - 1, base=1.0), OUTAGE_WAIT_MAX))
         return not self._stopping.is_set()
@@ -447,7 +448,9 @@ class BatchRunner:
     def _note_up(self) -> None:
         if self._down_since is not None:
             with self._lock:
-                self._down_since = None
+                since, self._down_since = self._down_since, None
+            if since is not None:
+                logger.warning("A model server answers again after %.0f s; the rows go on", self._clock() - since)
 
     # --- bookkeeping ---
 

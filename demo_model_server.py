@@ -7,7 +7,10 @@ It speaks the real protocols (pc: ``/api/health``, ``/api/generate`` with stats;
 ``/api/version``, ``/api/tags``, ``/api/chat`` with NDJSON streaming and nanosecond durations;
 OpenAI-compatible: ``/v1/models``, ``/v1/chat/completions`` with SSE streaming and usage), so
 detection, streaming and statistics work as with a real server. There is no model: answers are
-canned text saying they come from this demo and what it received. Standard library only.
+canned text saying they come from this demo and what it received. When JSON matching a schema is
+asked for (Ollama's ``format``, OpenAI's ``response_format``, or a JSON Schema in the prompt, the
+only way the pc server can be asked), the answer is a small JSON value built from the schema
+(:mod:`demo_structured`), so ``--per-row --schema`` runs too. Standard library only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable, Sequence
+
+from demo_structured import structured_answer
 
 PROTOCOLS = ("pc", "ollama", "openai")
 DEFAULT_PORT = 8000
@@ -51,87 +56,10 @@ def demo_answer(prompt: str, system_prompt: str | None = None) -> str:
             "on the PC and set PC_IP (or API_BASE_URL) to its address.")
 
 
-def example_for(schema: Any, depth: int = 0) -> Any:
-    """A small value that matches ``schema`` (the common JSON Schema keywords): the demo's JSON answer.
-
-    Strings are ``"[demo]"``, numbers the middle of their range, arrays one item, objects their
-    required properties (all of them when none is required).
-    """
-    if not isinstance(schema, dict) or depth > 10:
-        return "[demo]"
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return example_for(schema[key][0], depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), None)
-    if kind == "object" or isinstance(schema.get("properties"), dict):
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        names = schema.get("required") or list(properties)
-        return {name: example_for(properties.get(name), depth + 1) for name in names}
-    if kind == "array":
-        count = int(schema.get("minItems") or 1) if schema.get("maxItems", 1) else 0
-        return [example_for(schema.get("items"), depth + 1) for _ in range(count)]
-    if kind in ("number", "integer"):
-        return _number_for(schema, kind == "integer")
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    text = "[demo]"
-    return (text * (int(schema.get("minLength") or 0) // len(text) + 1))[: schema.get("maxLength") or None]
-
-
-def _number_for(schema: dict[str, Any], integer: bool) -> float | int:
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        value = (low + high) / 2
-    elif isinstance(low, (int, float)):
-        value = low + 1
-    elif isinstance(high, (int, float)):
-        value = high - 1
-    else:
-        value = 0
-    return int(value) if integer else value
-
-
-def schema_in_prompt(prompt: str) -> dict[str, Any] | None:
-    """The JSON Schema written into a prompt (the pc server cannot be sent one otherwise), or None."""
-    start = prompt.lower().find("json schema")
-    if start < 0:
-        return None
-    decoder = json.JSONDecoder()
-    index = prompt.find("{", start)
-    for _ in range(500):  # a bounded search: prompts hold other braces too
-        if index < 0:
-            return None
-        try:
-            value, _end = decoder.raw_decode(prompt, index)
-        except ValueError:
-            value = None
-        if isinstance(value, dict) and (isinstance(value.get("properties"), dict) or "$schema" in value
-                                        or value.get("type") == "object"):
-            return value
-        index = prompt.find("{", index + 1)
-    return None
-
-
-def answer_for(prompt: str, system_prompt: str | None, wanted: Any = None) -> str:
-    """The demo's answer: the canned text, or JSON when the request asks for it.
-
-    ``wanted``: a JSON Schema (the answer matches it), True (any JSON object), or None.
-    """
-    text = demo_answer(prompt, system_prompt)
-    if isinstance(wanted, dict):
-        return json.dumps(example_for(wanted), ensure_ascii=False)
-    if wanted:
-        return json.dumps({"demo": text}, ensure_ascii=False)
-    return text
+def answer_for(protocol: str, body: Any, prompt: str, system_prompt: str | None) -> str:
+    """JSON built from the schema when one is asked for (by the request or in the prompt), else the canned prose."""
+    structured = structured_answer(protocol, body if isinstance(body, dict) else {}, prompt)
+    return structured if structured is not None else demo_answer(prompt, system_prompt)
 
 
 def pieces_of(text: str) -> list[str]:
@@ -197,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             started = time.perf_counter()
             system = body.get("system_prompt")
-            answer = answer_for(prompt, system, schema_in_prompt(prompt))
+            answer = answer_for("pc", body, prompt, system)
             generated = len(pieces_of(answer))
             self.pace(generated)  # no streaming: the whole answer after the "generation"
             elapsed = max(time.perf_counter() - started, 1e-3)
@@ -223,9 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": "404 page not found"})
 
     def _ollama_chat(self, body: Any) -> None:
-        wanted = body.get("format") if isinstance(body, dict) else None  # a JSON Schema, or "json"
-        request = self._chat_request(body, {"error": "messages are required"},
-                                     wanted if isinstance(wanted, dict) else wanted == "json")
+        request = self._chat_request(body, {"error": "messages are required"})
         if request is None:
             return
         prompt, system, answer_pieces = request
@@ -255,10 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         self.send_lines("application/x-ndjson", lines())
 
-    def _chat_request(self, body: Any, error: Any, wanted: Any = None) -> tuple[str, str | None, list[str]] | None:
-        """(user text, system prompt, answer pieces) of a chat request; None after a 400 for a bad one.
-
-        ``wanted``: the JSON the request asks for (see :func:`answer_for`)."""
+    def _chat_request(self, body: Any, error: Any) -> tuple[str, str | None, list[str]] | None:
+        """(user text, system prompt, answer pieces) of a chat request; None after a 400 for a bad one."""
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages:
             self.send_json(400, error)
@@ -268,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(message, dict) and message.get("role") in texts:
                 texts[str(message["role"])].append(str(message.get("content") or ""))
         prompt, system = "\n".join(texts["user"]), "\n".join(texts["system"]) or None
-        return prompt, system, pieces_of(answer_for(prompt, system, wanted))
+        return prompt, system, pieces_of(answer_for(self.server.demo.protocol, body, prompt, system))
 
     # --- OpenAI-compatible ---
 
@@ -282,11 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
 
     def _openai_chat(self, body: Any) -> None:
-        response_format = (body.get("response_format") if isinstance(body, dict) else None) or {}
-        wanted = ((response_format.get("json_schema") or {}).get("schema") or True
-                  if response_format.get("type") == "json_schema" else response_format.get("type") == "json_object")
         request = self._chat_request(body, {"error": {"code": 400, "message": "'messages' is required",
-                                                      "type": "invalid_request_error"}}, wanted)
+                                                      "type": "invalid_request_error"}})
         if request is None:
             return
         prompt, system, answer_pieces = request

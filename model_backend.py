@@ -12,6 +12,7 @@ import threading
 from typing import Any, Mapping
 
 from generation import Generation, HealthReport
+from pool_health import not_ready_error, unavailable_error
 from server_pool import ModelServerPool
 
 
@@ -38,6 +39,18 @@ class PoolBackend:
             return self._reports
 
     check_health = health
+
+    def require_reachable(self) -> None:
+        """Raise what stops a run before it starts: not one server could be reached (health check).
+
+        A server that answers but is not ready (a model still loading, a missing model) is left to
+        the run, which waits for the first and stops with the second's own error.
+        """
+        reports = self.health()
+        if not reports or any(report.reachable for report in reports):
+            return
+        raise unavailable_error([(report.server or "the model server",
+                                  not_ready_error(report, report.server or "the model server")) for report in reports])
 
     @property
     def capacity(self) -> int:

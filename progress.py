@@ -6,10 +6,15 @@
 * Not a terminal (a log file, a pipe, CI): a plain line every ``interval`` seconds and one at the
   end, so a job left running overnight still says how far it got; no spinner.
 * Quiet (``-q``): nothing.
+
+While a bar is drawn, log lines for the same stream (warnings from worker threads) and
+:meth:`ProgressBar.note` lines are written above it: the bar is cleared, the line written, the
+bar drawn again, so neither is left broken mid-line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -72,6 +77,12 @@ class ProgressBar:
 
             self._bar = tqdm(total=total, unit=f" {unit}", desc=label or None, file=stream,
                              dynamic_ncols=True, mininterval=0.2, smoothing=0.1)
+        self._redirected: list[tuple[logging.StreamHandler, Any]] = []
+        if self._bar is not None:
+            above = _AboveTheBar(self, stream)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+                    self._redirected.append((handler, handler.setStream(above)))
 
     def update(self, done: int = 1, failed: int = 0) -> None:
         """Record ``done`` more finished items, ``failed`` of which failed."""
@@ -112,8 +123,29 @@ class ProgressBar:
         self._stream.write(self.status() + "\n")
         self._stream.flush()
 
+    def note(self, message: str) -> None:
+        """One line for the user (not with quiet): above the bar when one is drawn."""
+        if self._quiet:
+            return
+        with self._lock:
+            self._above(message + "\n")
+
+    def _above(self, text: str) -> int:
+        """Write ``text`` on its own lines above the bar (caller holds the lock)."""
+        bar = self._bar
+        if bar is not None:
+            bar.clear()
+        written = self._stream.write(text)
+        self._stream.flush()
+        if bar is not None:
+            bar.refresh()
+        return written
+
     def close(self) -> None:
         """Finish the bar, or write the last plain line."""
+        for handler, stream in self._redirected:
+            handler.setStream(stream)
+        self._redirected = []
         with self._lock:
             if self._bar is not None:
                 self._bar.close()
@@ -134,6 +166,21 @@ def terminal_columns(stream: TextIO) -> int:
         return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
         return shutil.get_terminal_size().columns
+
+
+class _AboveTheBar:
+    """The stream a log handler writes to while a bar is drawn: each line goes above the bar."""
+
+    def __init__(self, bar: ProgressBar, stream: TextIO) -> None:
+        self._bar = bar
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with self._bar._lock:
+            return self._bar._above(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class Spinner:

@@ -122,8 +122,10 @@ class RowPrompt:
         if not unknown:
             return
         shown = []
+        by_case = {column.lower(): column for column in self.columns}
         for name in dict.fromkeys(unknown):
-            close = difflib.get_close_matches(name, self.columns, n=1, cutoff=0.6)
+            close = [by_case[name.lower()]] if name.lower() in by_case else \
+                difflib.get_close_matches(name, self.columns, n=1, cutoff=0.6)
             shown.append(f"{{row.{name}}}" + (f" (did you mean {{row.{close[0]}}}?)" if close else ""))
         raise PromptError(
             f"The template names a column the query does not return: {', '.join(shown)}.",

@@ -142,6 +142,23 @@ def test_an_outage_waits_without_spending_attempts_and_rows_go_on_when_the_serve
     assert all(r["attempts"] == 1 for r in records.items)  # the unanswered tries are not attempts
 
 
+def test_an_outage_is_reported_once_and_its_end_too_however_many_rows_wait(caplog):
+    port = free_port()
+    server = FakeOllamaServer(answer="positive", port=port)
+    sleeps = Sleeps(then=lambda n: server.start() if n == 9 else None)  # back after nine waits in all
+    backend = SingleServerBackend(f"http://127.0.0.1:{port}", API_MAX_ATTEMPTS=1)
+    try:
+        with caplog.at_level("WARNING", logger="batch_runner"):
+            summary, _ = run(backend, tasks(12), sleep=sleeps, concurrency=3)
+    finally:
+        backend.close()
+        server.stop()
+    assert summary.ok == 12 and len(sleeps.calls) >= 9
+    messages = [r.getMessage() for r in caplog.records if r.name == "batch_runner"]
+    assert len([m for m in messages if m.startswith("No model server reachable")]) == 1
+    assert len([m for m in messages if m.startswith("A model server answers again after")]) == 1
+
+
 def test_an_outage_longer_than_the_bound_stops_the_run():
     now = [0.0]
 
@@ -208,6 +225,7 @@ def test_a_prompt_longer_than_the_window_is_not_sent():
     (ModelServerError("busy", status=429), Failure.RETRY),
     (ModelServerError("boom", status=500), Failure.RETRY),
     (ModelServerError("key", status=401), Failure.FATAL),
+    (ModelServerError("forbidden", status=403), Failure.FATAL),
     (ModelServerError("no endpoint", status=404), Failure.FATAL),
     (ModelServerError("teapot", status=418), Failure.ROW),
     (ModelNotLoadedError("loading", status=503), Failure.RETRY),

@@ -10,7 +10,8 @@ import pytest
 
 import config
 from conftest import REPO_ROOT, make_settings
-from demo_model_server import DemoServer, demo_answer, describe_prompt, example_for
+from demo_model_server import DemoServer, demo_answer, describe_prompt
+from demo_structured import schema_instance
 from fake_server_base import free_port
 from server_client import ServerClient
 from test_pipeline import run  # noqa: F401  (the fixture: the command in-process)
@@ -140,4 +141,4 @@ def test_the_readmes_schema_example_runs_against_the_demo(run, tmp_path, protoco
 def test_the_demos_json_matches_the_schema(schema):
     import jsonschema
 
-    jsonschema.validate(example_for(schema), schema)
+    jsonschema.validate(schema_instance(schema), schema)

@@ -109,3 +109,21 @@ def test_fingerprint_is_stable_and_changes_are_described():
         "template: 'Classify: {row}' -> 'Rate: {row}'",
         "schema: (not recorded) -> '{\"type\":\"object\"}'",
     ]
+
+
+def test_a_change_deep_in_a_long_value_is_shown_where_it_is():
+    template = "Classify the sentiment of this product review (rating {row.rating} of 5).\n" \
+               "Give a score and up to five topics it mentions.\n\nReview: {row.body}\n"
+    schema = {"type": "object", "properties": {"score": {"type": "number", "maximum": 1},
+                                               "topics": {"type": "array", "maxItems": 5}}}
+    wider = {**schema, "properties": {**schema["properties"], "topics": {"type": "array", "maxItems": 3},
+                                      "lang": {"type": "string"}}}
+    lines = describe_changes({"template": template, "schema": schema},
+                             {"template": template.replace("five", "three"), "schema": wider})
+    assert lines[0].startswith("template: '…") and "up to five topics" in lines[0].split(" -> ")[0]
+    assert "up to three topics" in lines[0].split(" -> ")[1]
+    assert lines[1:] == ["schema.properties.topics.maxItems: '5' -> '3'",
+                         "schema.properties.lang: (none) -> '{\"type\":\"string\"}'"]
+    many = {f"p{i}": i for i in range(10)}
+    lines = describe_changes({"params": many}, {"params": {k: v + 1 for k, v in many.items()}})
+    assert len(lines) == 6 and lines[-1] == "params: ... and 5 more changes"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import secrets
 import threading
@@ -26,8 +27,8 @@ from conftest import REPO_ROOT, reset_process_state
 from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
-from fake_server_base import prompt_text
-from results_table import CREATE_JOBS, CREATE_RESULTS
+from fake_server_base import free_port, prompt_text
+from results_table import setup_sql
 
 BULK_ROWS = 3000
 SCHEMA_FILE = str(REPO_ROOT / "examples" / "sentiment_schema.json")
@@ -222,6 +223,20 @@ def test_a_changed_template_is_refused_and_restart_keeps_the_old_file(run, tmp_p
     assert len(posts(srv)) == 40
 
 
+def test_a_template_file_changed_near_its_end_is_refused_showing_the_change(run, tmp_path):
+    template = (REPO_ROOT / "examples" / "templates" / "review_sentiment_per_row.txt").read_text(encoding="utf-8")
+    (tmp_path / "t.txt").write_text(template, encoding="utf-8")
+    args = ["--per-row", "--query", REVIEWS, "--template-file", "t.txt", "--schema", SCHEMA_FILE,
+            "--output", "s.jsonl"]
+    with FakeOllamaServer(answer='{"sentiment": "neutral", "score": 0, "topics": []}') as srv:
+        assert run(*args, env={"API_BASE_URL": srv.base_url}).returncode == 0
+        (tmp_path / "t.txt").write_text(template.replace("Review: {row.body}", "Text: {row.body}"), encoding="utf-8")
+        changed = run(*args, env={"API_BASE_URL": srv.base_url})
+    assert changed.returncode == 2
+    line = next(line for line in changed.stderr.splitlines() if line.strip().startswith("template: "))
+    assert "Review: {row.body}" in line.split(" -> ")[0] and "Text: {row.body}" in line.split(" -> ")[1]
+
+
 def test_dry_run_shows_three_prompts_counts_tokens_and_time_without_generating(run):
     with FakeOllamaServer() as srv:
         result = run("--per-row", "--query", REVIEWS, "--template", "Sentiment of: {row.body}",
@@ -262,6 +277,25 @@ def test_schema_answers_are_parsed_and_exported_to_csv(run, tmp_path):
     assert table[1][:5] == ["1", "ok", "positive", "0.8", '["quality"]']
 
 
+def test_no_server_reachable_at_the_start_stops_at_once_before_anything_is_written(run, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a wrong address, a server not started
+    result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
+                 env={"API_BASE_URL": url})
+    assert result.returncode == 5, result.stderr
+    assert f"Cannot connect to the model server at {url}" in result.stderr and "rows wait" not in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_missing_model_stops_the_run_with_the_servers_own_error_before_any_generation(run, tmp_path):
+    with FakeOllamaServer(models=["llama3.2:latest"]) as srv:  # reachable, but without phi4
+        result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 6, result.stderr
+    assert "Stopped early:" in result.stderr and "phi4" in result.stderr and "ollama pull phi4" in result.stderr
+    assert "Cannot connect" not in result.stderr and posts(srv) == []
+    assert "20 not done" in result.stderr and rows_of(tmp_path / "o.jsonl") == []
+
+
 def test_401_stops_early_and_keeps_the_file(run, tmp_path):
     with FakeOpenAIServer(api_key="right") as srv:
         result = run("--per-row", "--query", REVIEWS, "--template", "{row.body}", "--output", "o.jsonl",
@@ -271,6 +305,15 @@ def test_401_stops_early_and_keeps_the_file(run, tmp_path):
     assert "20 not done" in result.stderr and len(posts(srv)) == 1
     lines = (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["job"]  # the job line, valid; no row recorded
+
+
+def test_403_stops_early_after_one_request(run, tmp_path):
+    with FakeOllamaServer(fail_when="review", fail_status=403) as srv:  # a proxy that refuses this laptop
+        result = run("--per-row", "--query", REVIEWS, "--template", "review: {row.body}", "--output", "o.jsonl",
+                     "--concurrency", "1", env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 6, result.stderr
+    assert "Stopped early:" in result.stderr and "403" in result.stderr and "20 not done" in result.stderr
+    assert len(posts(srv)) == 1 and rows_of(tmp_path / "o.jsonl") == []
 
 
 def test_a_template_every_server_rejects_stops_after_the_first_rows(run):
@@ -303,10 +346,7 @@ def writer_url(test_db_url, admin_conn):
     with admin_conn.cursor() as cur:
         cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         cur.execute(f"GRANT CONNECT ON DATABASE {admin_conn.info.dbname} TO {role}")
-        cur.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-        cur.execute(CREATE_RESULTS.format(table="review_sentiment"))
-        cur.execute(CREATE_JOBS.format(jobs="review_sentiment_jobs"))
-        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON review_sentiment, review_sentiment_jobs TO {role}")
+        cur.execute(setup_sql("review_sentiment", role))  # what `python results_table.py NAME --role ROLE` prints
     parts = urlsplit(test_db_url)
     host = parts.hostname or "127.0.0.1"
     yield urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}:{parts.port or 5432}"))
@@ -389,3 +429,17 @@ def test_dry_run_after_a_partial_run_counts_what_is_left_and_times_it_from_earli
     assert "this job's earlier answers took" in dry.stderr
     assert dry.stdout.startswith("--- row 3 of 20 (id=3) ---\n#3#")
     assert len(posts(srv)) == 20
+
+
+def test_transport_retry_warnings_stay_quiet_during_a_run_unless_verbose():
+    from batch_cli import _request_logs_quiet
+
+    transport, pool = logging.getLogger("http_transport"), logging.getLogger("server_pool")
+    before = transport.level
+    with _request_logs_quiet(verbose=False):
+        # "Connecting to ... failed; retry 1" repeats for every request while a server is away.
+        assert not transport.isEnabledFor(logging.WARNING) and transport.isEnabledFor(logging.ERROR)
+        assert pool.isEnabledFor(logging.WARNING) and not pool.isEnabledFor(logging.INFO)  # down / back stay
+    with _request_logs_quiet(verbose=True):
+        assert transport.level == before
+    assert transport.level == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 import time
 
@@ -146,3 +147,34 @@ def test_the_spinner_fits_the_terminals_width(monkeypatch):
         out.wait_for_frames(2)
     drawn = [part for part in out.getvalue().split("\r") if part.strip()]
     assert drawn and all(len(part) <= 29 for part in drawn)  # a wrapped line could not be redrawn in place
+
+
+def test_log_lines_and_notes_go_above_a_drawn_bar_not_into_it():
+    out = Terminal()
+    handler = logging.StreamHandler(out)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with ProgressBar(10, unit="rows", stream=out) as bar:
+            bar.update(3)
+            logging.getLogger("worker").warning("server down")
+            bar.note("Stopping: no new rows")
+            bar.update(2)
+        assert handler.stream is out  # given back when the bar is closed
+    finally:
+        root.removeHandler(handler)
+    drawn = out.getvalue()
+    # Each line starts on a cleared line (the bar erased first, "\r") and the bar comes back after it.
+    assert re.search(r"\r *\rserver down\n\r *30%", drawn), drawn
+    assert re.search(r"\r *\rStopping: no new rows\n\r *30%", drawn), drawn
+
+
+def test_notes_are_plain_lines_without_a_terminal_and_nothing_when_quiet():
+    out = io.StringIO()
+    with ProgressBar(10, unit="rows", stream=out) as bar:
+        bar.note("Stopping: no new rows")
+    assert out.getvalue() == "Stopping: no new rows\n"
+    quiet = Terminal()
+    with ProgressBar(10, unit="rows", stream=quiet, quiet=True) as bar:
+        bar.note("Stopping: no new rows")
+    assert quiet.getvalue() == ""

@@ -66,12 +66,12 @@ def test_typos_are_named():
 
 
 def test_unknown_column_lists_the_columns():
-    template = parse_row_template("{row.bdy} and {row.Title} and {row.nothing_like_it}")
+    template = parse_row_template("{row.bdy} and {row.Title} and {row.nothing_like_it} and {row.BODY}")
     with pytest.raises(PromptError) as info:
         RowPrompt(template, COLUMNS)
     message = info.value.message
     assert "{row.bdy} (did you mean {row.body}?)" in message and "{row.Title} (did you mean {row.title}?)" in message
-    assert "{row.nothing_like_it}" in message
+    assert "{row.nothing_like_it}" in message and "{row.BODY} (did you mean {row.body}?)" in message
     assert "id, title, body, rating" in info.value.hint
 
 
