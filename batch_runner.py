@@ -30,7 +30,6 @@ returns at once.
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import threading
@@ -40,19 +39,12 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from errors import (
-    BadResponseError,
     ExitCode,
-    ModelAPIError,
-    ModelConnectionError,
-    ModelDisconnectedError,
-    ModelNotLoadedError,
-    ModelServerError,
-    ModelTimeoutError,
     PipelineError,
     Terminated,
 )
-from protocol_base import PC_LOAD_FAILED
 from result_ledger import row_record
+from row_failure import Failure, classify
 from retry_policy import backoff
 from structured_output import AnswerSchema
 
@@ -62,35 +54,6 @@ logger = logging.getLogger(__name__)
 OUTAGE_WAIT_MAX = 8.0
 #: How often the calling thread looks up from waiting (Ctrl-C, stops, the ledger's fsync).
 POLL = 0.2
-
-
-class Failure(enum.Enum):
-    RETRY = "retry"
-    OUTAGE = "outage"
-    FATAL = "fatal"
-    ROW = "row"
-
-
-def classify(error: PipelineError) -> Failure:
-    """What a failed request means for the row and for the run."""
-    if isinstance(error, ModelDisconnectedError):
-        return Failure.RETRY  # it may have reached the model: in batch mode a duplicate is acceptable
-    if isinstance(error, ModelConnectionError):
-        return Failure.OUTAGE  # never reached any model
-    if isinstance(error, ModelNotLoadedError):
-        # 503 while loading: wait; not there at all, or the PC server's load failed: stop.
-        loading = error.status == 503 and not (error.detail or "").startswith(PC_LOAD_FAILED)
-        return Failure.RETRY if loading else Failure.FATAL
-    if isinstance(error, ModelTimeoutError | BadResponseError):
-        return Failure.RETRY
-    if isinstance(error, ModelServerError):
-        status = error.status
-        if status in (401, 403, 404):
-            return Failure.FATAL  # wrong key or wrong endpoint: the same for every row
-        return Failure.RETRY if status is None or status == 429 or status >= 500 else Failure.ROW
-    if isinstance(error, ModelAPIError):
-        return Failure.ROW  # InvalidPromptError: this row's prompt
-    return Failure.FATAL  # ConfigError and the like
 
 
 @dataclass(frozen=True)

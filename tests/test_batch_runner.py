@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 
-from batch_runner import BatchRunner, BatchSettings, Failure, RowTask, classify
+from batch_runner import BatchRunner, BatchSettings, RowTask
+from row_failure import Failure, classify
 from errors import (
     BadResponseError,
     ConfigError,
