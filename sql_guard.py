@@ -46,7 +46,7 @@ _OTHER_COMMANDS = frozenset(
 
 _WRITE_NODES = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE", "MergeStmt": "MERGE"}
 _OTHER_NODES = {"CreateTableAsStmt": "CREATE TABLE AS", "ExecuteStmt": "EXECUTE", "DeclareCursorStmt": "DECLARE"}
-_WATCHED = frozenset([*_WRITE_NODES, "intoClause", "lockingClause", "FuncCall"])
+_WATCHED = frozenset([*_WRITE_NODES, "intoClause", "lockingClause", "FuncCall", "ParamRef"])
 _LOCKS = {"LCS_FORUPDATE": "FOR UPDATE", "LCS_FORNOKEYUPDATE": "FOR NO KEY UPDATE",
           "LCS_FORSHARE": "FOR SHARE", "LCS_FORKEYSHARE": "FOR KEY SHARE"}
 
@@ -375,6 +375,14 @@ def _check_reads_only(select: dict[str, Any]) -> None:
             )
         if key == "FuncCall":
             _check_function(value)
+        if key == "ParamRef":
+            # Nothing binds $1 here (values are bound as %(name)s); refusing it also keeps the guard
+            # and older servers from disagreeing about text such as "$1AS".
+            number = value.get("number", 1) if isinstance(value, dict) else 1
+            raise QueryError(
+                f"The query uses ${number}, a positional parameter, which this tool does not bind.",
+                hint="Fix: write %(name)s in the SQL and pass --param name=value (the value is bound safely).",
+            )
 
 
 def _check_function(call: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
 
 import sql_guard
 from conftest import make_settings
@@ -349,6 +349,7 @@ def reader_conn(reader_url) -> Iterator[psycopg2.extensions.connection]:
 
 @hypothesis_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=_sql_texts())
+@example(text="SELECT 1 AS a, 1 AS a, '''' AS -- c; $$ '\na$$b$, /* ; $x$ ' */ $a$x$a$ /* ; $x$ '*/ */ $1AS a")
 def test_property_one_statement_for_the_guard_is_one_for_postgresql(reader_conn, text):
     try:
         statement = check_statement(text, placeholders=False)
@@ -367,3 +368,16 @@ def test_property_one_statement_for_the_guard_is_one_for_postgresql(reader_conn,
             assert exc.pgcode != "42601", (text, exc.pgerror)  # PostgreSQL parsed it differently
         finally:
             cur.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("query", ["SELECT $1", "SELECT 1 AS a WHERE 1 = $2", "SELECT 1 AS x, $1AS a",
+                                   "VALUES ($1)", "EXPLAIN SELECT $1"])
+def test_positional_parameters_are_refused_with_the_param_flag_to_use(query):
+    with pytest.raises(QueryError) as info:
+        check_statement(query, placeholders=False)
+    assert "a positional parameter" in info.value.message and "--param name=value" in info.value.hint
+
+
+def test_dollar_signs_that_are_not_parameters_still_run(db):
+    rows = db.execute_query("SELECT '$1' AS \"$1\", 2 AS a$1")
+    assert rows == [{"$1": "$1", "a$1": 2}]
