@@ -15,6 +15,7 @@ threads. Three kinds of failure:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from errors import (
@@ -37,6 +38,24 @@ FATAL = "fatal"
 # Statuses a server sends before it starts working on a request: "busy" or "loading".
 REFUSED_STATUSES = (429, 503)
 GATEWAY_STATUSES = (502, 504)  # a proxy gave up: the server behind it may still be generating
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A snapshot of one server in a pool (``ModelServerPool.statuses()``)."""
+
+    url: str  # the base URL, password masked
+    state: str  # "new" (not probed yet), "up", "down" or "probing"
+    limit: int  # generations sent to it at once
+    limit_source: str  # where the limit comes from
+    in_flight: int
+    served: int  # answers it completed
+    failed: int  # requests that failed on it
+    protocol: str | None
+    model: str | None
+    reason: str | None  # why it is down
+    retry_in: float | None  # seconds until a down server is checked again
+
 
 
 def failure_kind(error: BaseException) -> str:

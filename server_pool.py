@@ -29,36 +29,27 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import config
 from errors import ConfigError, PipelineError
 from generation import Generation, HealthReport
-from pool_health import AMBIGUOUS, FAILOVER, failure_kind, fresh_error, limit_for, not_ready_error, unavailable_error
+from pool_health import (
+    AMBIGUOUS,
+    FAILOVER,
+    ServerStatus,
+    failure_kind,
+    fresh_error,
+    limit_for,
+    not_ready_error,
+    unavailable_error,
+)
 from server_client import ServerClient
 from server_spec import ServerSpec
 
 logger = logging.getLogger(__name__)
 
 NEW, UP, DOWN = "new", "up", "down"
-
-
-@dataclass(frozen=True)
-class ServerStatus:
-    """A snapshot of one server in a pool (``ModelServerPool.statuses()``)."""
-
-    url: str  # the base URL, password masked
-    state: str  # "new" (not probed yet), "up", "down" or "probing"
-    limit: int  # generations sent to it at once
-    limit_source: str  # where the limit comes from
-    in_flight: int
-    served: int  # answers it completed
-    failed: int  # requests that failed on it
-    protocol: str | None
-    model: str | None
-    reason: str | None  # why it is down
-    retry_in: float | None  # seconds until a down server is checked again
 
 
 class _Server:
@@ -85,15 +76,21 @@ class _Server:
 
 
 class _Ticket:
-    """One caller waiting for a slot."""
+    """One caller waiting for a slot. Its event exists only when it has to wait (made and set
+    under the pool's lock): a caller served at once costs no Event."""
 
     def __init__(self, since: float, deadline: float) -> None:
         self.since = since  # when the request started: verdicts older than this are re-checked
         self.deadline = deadline  # until when it may wait for a server to come back
-        self.event = threading.Event()
+        self.event: threading.Event | None = None
         self.server: _Server | None = None
         self.attempts: int | None = None
         self.error: PipelineError | None = None
+
+    def done(self) -> None:
+        """Served or failed: wake the caller if it waits (the pool's lock is held)."""
+        if self.event is not None:
+            self.event.set()
 
 
 class ModelServerPool:
@@ -262,8 +259,11 @@ class ModelServerPool:
             else:
                 self._queue.append(ticket)
             self._service()
+            if ticket.server is None and ticket.error is None:
+                ticket.event = threading.Event()  # no free slot yet: wait in line
         try:
-            ticket.event.wait()
+            if ticket.event is not None:
+                ticket.event.wait()
         except BaseException:
             with self._lock:
                 if ticket in self._queue:
@@ -322,7 +322,7 @@ class ModelServerPool:
             # there at once instead of being retried here with backoff.
             others = any(s.state != DOWN for s in self._servers if s is not server)
             ticket.attempts = 1 if others else None
-            ticket.event.set()
+            ticket.done()
         if self._queue and not any(s.state in (NEW, UP) or s.probing for s in self._servers):
             self._fail_hopeless(now)
         self._schedule(now)
@@ -336,7 +336,7 @@ class ModelServerPool:
                 self._queue.remove(ticket)
                 ticket.error = unavailable_error([(s.display, s.error) for s in self._servers],
                                                  waited=ticket.deadline - ticket.since)
-                ticket.event.set()
+                ticket.done()
 
     # --- health ---
 

@@ -490,3 +490,43 @@ def test_repeated_posts_carry_their_own_bodies_and_any_cookie_the_server_set():
         server.server_close()
     assert [json_module.loads(body)["prompt"] for body, _ in seen] == ["한", "two", "three three"]
     assert [cookie for _, cookie in seen] == [None, None, "route=pc2"]
+
+
+def test_a_redirected_post_is_followed_once_and_answered_once():
+    """A proxy that moved the API (HTTP 307) gets the POST once, and its new place answers it."""
+    import http.server
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            if self.path == "/api/generate":
+                self.send_response(307)
+                self.send_header("Location", "/moved/api/generate")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with HttpTransport(f"http://127.0.0.1:{server.server_address[1]}") as transport:
+            reply = transport.post("/api/generate", {"prompt": "x"})
+            assert reply.status == 200 and reply.json() == {"ok": True}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["/api/generate", "/moved/api/generate"]
