@@ -305,7 +305,7 @@ def _time_estimate(p: PerRowPlan, rows: int, resume: Resume) -> str:
         ready, detail = _servers_ready(backend)
         if not ready:
             return f"No time estimate: the model servers are not ready ({detail})."
-        capacity = p.args.concurrency or backend.capacity
+        capacity = min(p.args.concurrency or backend.ready_capacity, backend.ready_capacity)
     except PipelineError as exc:
         return f"No time estimate: {exc.message}"
     finally:

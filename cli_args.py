@@ -61,6 +61,8 @@ SETTING_FLAGS = {
     "MAX_NEW_TOKENS": "max_new_tokens", "TEMPERATURE": "temperature", "LOG_FILE": "log_file",
     "ENV_FILE": "env_file",
 }
+#: The flag that gives each setting, for messages ("API_TIMEOUT must be ... (from --timeout)").
+SETTING_FLAG_NAMES = {name: "--" + attribute.replace("_", "-") for name, attribute in SETTING_FLAGS.items()}
 
 
 class _Parser(argparse.ArgumentParser):

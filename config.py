@@ -301,6 +301,8 @@ def _shown_raw(var: Setting, raw: str) -> str:
 def _not_configured(name: str, value: str, settings: Settings) -> ConfigError:
     where = settings.source_of(name)
     place = {"flag": "on the command line", "environment": "in the environment"}.get(where, f"in {where}")
+    if where.startswith("--"):
+        place = f"given by {where}"
     if where == "default":
         place = "in .env"
     tip = f"\n{DEMO_SERVER_TIP}" if name in ("PC_IP", "API_BASE_URL") else ""
@@ -314,11 +316,15 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     env_file: str | os.PathLike[str] | None = None,
+    *,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build validated settings.
 
     Args:
         overrides: explicit values by variable name (``{"API_PORT": 9000}``); None values are ignored.
+        flag_names: the command-line flag that gave each override (``{"API_TIMEOUT": "--timeout"}``),
+            so a bad value is reported "from --timeout" rather than "from flag".
         environ: the environment to read (default ``os.environ``).
         env_file: the .env file; default ``ENV_FILE`` from overrides/environment, else ``./.env``,
             else the ``.env`` beside the scripts, if one exists (see :mod:`env_files`). An explicitly
@@ -328,6 +334,7 @@ def load_settings(
         ConfigError: listing every bad value, its variable, where it came from and what is expected.
     """
     environ = os.environ if environ is None else environ
+    flag_names = flag_names or {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(given) - set(_BY_NAME) - {"ENV_FILE"})
     if unknown:
@@ -342,7 +349,7 @@ def load_settings(
         raw: Any = None
         source = "default"
         for candidate, where in (
-            (given.get(var.name), "flag"),
+            (given.get(var.name), flag_names.get(var.name, "flag")),
             (environ.get(var.name), "environment"),
             (file_values.get(var.name), str(path)),
         ):

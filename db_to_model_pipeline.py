@@ -26,21 +26,49 @@ from typing import Any, Iterator, Sequence, TextIO
 import config
 import link_safety
 import mr_cli
-from cli_args import EPILOG, Command, build_parser, parse_arguments, prepare, setting_overrides
-from cli_logging import LOG_BACKUPS, LOG_MAX_BYTES, SecretMaskingFilter, command_logging, setup_logging
-from cli_output import MaskedStream, error_info, format_stats, json_document, truncation_hint, write_atomically
-from config import Settings
-from doctor import run_checks
-from env_files import describe_env_file
-from errors import ConfigError, ExitCode, PipelineError, Terminated
-from progress import Spinner
-from resources import close_resources
-from runner import DEFAULT_FETCH_ROWS, Question, RunResult, run_pipeline, run_question
 
 # Names this module offered before the command was split into modules, kept for users' scripts.
 import prompt_builder  # noqa: E402,F401
+from cli_args import (
+    EPILOG,
+    SETTING_FLAG_NAMES,
+    Command,
+    build_parser,
+    parse_arguments,
+    prepare,
+    setting_overrides,
+)
+from cli_logging import (
+    LOG_BACKUPS,
+    LOG_MAX_BYTES,
+    SecretMaskingFilter,
+    command_logging,
+    setup_logging,
+)
+from cli_output import (
+    MaskedStream,
+    error_info,
+    format_stats,
+    json_document,
+    truncation_hint,
+    write_atomically,
+)
+from config import Settings
 from db_connector import Database, check_read_only_query  # noqa: E402,F401
-from errors import DBConnectionError, QueryError, UsageError  # noqa: E402,F401
+from doctor import run_checks
+from env_files import describe_env_file
+from errors import (  # noqa: E402,F401
+    ConfigError,
+    DBConnectionError,
+    ExitCode,
+    PipelineError,
+    QueryError,
+    Terminated,
+    UsageError,
+)
+from progress import Spinner
+from resources import close_resources
+from runner import DEFAULT_FETCH_ROWS, Question, RunResult, run_pipeline, run_question
 
 __all__ = [
     "DEFAULT_FETCH_ROWS", "EPILOG", "LOG_BACKUPS", "LOG_MAX_BYTES", "ExitCode", "Question", "RunResult",
@@ -133,7 +161,7 @@ def _run_and_report(args: argparse.Namespace, console: _Console) -> ExitCode:
         overrides = setting_overrides(args)
         if args.check:
             return _check(args, overrides, console)
-        settings = config.load_settings(overrides)
+        settings = config.load_settings(overrides, flag_names=SETTING_FLAG_NAMES)
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
         logger.info("Settings from %s", describe_env_file(settings.env_file, settings.sources))
@@ -189,13 +217,13 @@ def _discard_stdout(out: TextIO) -> None:
 def _check(args: argparse.Namespace, overrides: dict[str, Any], console: _Console) -> ExitCode:
     """``--check``, logging to the log file too when the settings load (the doctor reports when they do not)."""
     try:
-        settings = config.load_settings(overrides)
+        settings = config.load_settings(overrides, flag_names=SETTING_FLAG_NAMES)
     except ConfigError:
         pass
     else:
         console.err.secrets = settings.secrets()
         setup_logging(settings, args.verbose, args.quiet, console.err)
-    return run_checks(overrides, console.out)
+    return run_checks(overrides, console.out, flag_names=SETTING_FLAG_NAMES)
 
 
 def _run(command: Command, run: RunResult, console: _Console) -> None:

@@ -44,14 +44,16 @@ class _Report:
 
 
 def run_checks(overrides: Mapping[str, Any], out: TextIO, *,
-               counter: token_count.TokenCounter | None = None) -> ExitCode:
+               counter: token_count.TokenCounter | None = None,
+               flag_names: Mapping[str, str] | None = None) -> ExitCode:
     """``--check``: one line per check, with the fix for each failure; the first failure's exit code.
 
-    ``counter``: the token counter to report on (default :func:`token_count.get_counter`).
+    ``counter``: the token counter to report on (default :func:`token_count.get_counter`);
+    ``flag_names``: the flag that gave each override, for messages.
     """
     report = _Report(MaskedStream(out))
     try:
-        settings = config.load_settings(overrides)
+        settings = config.load_settings(overrides, flag_names=flag_names)
     except ConfigError as exc:
         report.fail(ExitCode.USAGE, "settings", exc.message, exc.hint)
         report.line(False, "database", "not checked (settings are invalid)")

@@ -2,8 +2,8 @@
 
 Per-row runs and map-reduce send many requests at once. They take a backend with two things:
 ``generate(...)`` (any configured server, the freest first) and ``capacity`` (how many requests
-the servers run at once in all, which sets the default concurrency). The capacity is learned
-from one health check of every server (GET requests only) the first time it is asked.
+the configured servers run at once in all, which sets the default concurrency). The limits are
+learned from one health check of every server (GET requests only) the first time one is asked.
 """
 
 from __future__ import annotations
@@ -54,7 +54,18 @@ class PoolBackend:
 
     @property
     def capacity(self) -> int:
-        """Requests the ready servers run at once in all (at least 1)."""
+        """Requests every configured server runs at once, in all (at least 1): the default concurrency.
+
+        A server that is down when the run starts counts with its limit (1 when it never said), so
+        it gets its share of the work once it is back; until then the pool holds the extra requests
+        on the laptop, and never sends a server more than its limit.
+        """
+        self.health()
+        return max(1, sum(status.limit for status in self.pool.statuses()))
+
+    @property
+    def ready_capacity(self) -> int:
+        """Requests the servers ready now run at once, in all (at least 1): for time estimates."""
         self.health()
         return max(1, self.pool.capacity)
 

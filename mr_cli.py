@@ -50,8 +50,8 @@ def probe_capacity(settings: Settings) -> tuple[int | None, str]:
         why = "; ".join(f"{report.server or 'the model server'}: {report.detail}" for report in reports)
         return None, f"no model server is ready ({why})"
     if len(reports) == 1:
-        return backend.capacity, f"{reports[0].server or 'the model server'} answered the health check"
-    return backend.capacity, f"{len(ready)} of {len(reports)} servers answered the health check"
+        return backend.ready_capacity, f"{reports[0].server or 'the model server'} answered the health check"
+    return backend.ready_capacity, f"{len(ready)} of {len(reports)} servers answered the health check"
 
 
 def wanted(args: argparse.Namespace) -> bool:

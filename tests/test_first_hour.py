@@ -194,3 +194,9 @@ def test_the_korean_and_english_quick_starts_say_the_same():
     assert inline(korean) == inline(english)
     for text in (korean, english):
         assert text.count("--per-row") == 1 and "pip install -r requirements-dev.txt" in text
+
+
+def test_a_bad_value_from_a_flag_names_the_flag(run):
+    result = run("--query", "SELECT 1", "--timeout", "abc", "--dry-run")
+    assert result.returncode == 2
+    assert "API_TIMEOUT must be a number" in result.stderr and "(from --timeout)" in result.stderr
