@@ -142,6 +142,7 @@ class CallRunner:
         self.tokens = TokenCheck()
         self._stream, self._quiet = stream, quiet
         self._stop = threading.Event()
+        self._cut_said = threading.Event()
         self._bar: ProgressBar | None = None
         self._total: int | None = None  # of the level running or about to run, once known
         self._bar_lock = threading.Lock()
@@ -268,6 +269,11 @@ class CallRunner:
                 continue
             call.answer, call.stats, call.error = text, _stats_dict(generation.stats), None
             self.tokens.add(call, s.system_tokens, call.stats.get("input_tokens"))
+            if answer_was_cut(call.stats, s.max_new_tokens) and not self._cut_said.is_set():
+                self._cut_said.set()  # said once; the statistics count every such answer
+                logger.warning("The answer of %s call %d (%s) was cut at MAX_NEW_TOKENS=%d, so it is incomplete; "
+                               "the final answer may miss what it left out. Raise --max-new-tokens for this job.",
+                               call.stage, call.index + 1, _rows(call), s.max_new_tokens)
             if self.checkpoint is not None:
                 self._record(call)
             return
@@ -283,6 +289,16 @@ class CallRunner:
 
 #: What a worker reports for a queued call it did not start because the run is stopping.
 _NOT_STARTED = RuntimeError("not started: the run is stopping")
+
+
+def answer_was_cut(stats: dict[str, Any], max_new_tokens: int | None) -> bool:
+    """Whether an answer stopped at the token limit: the server says so (``finish_reason``
+    ``length``), or, for a server that gives no reason (the pc one), it used every token."""
+    reason = stats.get("finish_reason")
+    if reason is not None:
+        return reason == "length"
+    generated = stats.get("generated_tokens")
+    return max_new_tokens is not None and isinstance(generated, int) and generated >= max_new_tokens
 
 
 def _rows(call: Call) -> str:

@@ -118,6 +118,9 @@ def stats_line(run: MapReduceRun) -> str:
               if isinstance(stats.get(key), int)]
     if tokens:
         parts.append("tokens " + " / ".join(tokens))
+    if stats.get("answers_cut"):
+        parts.append(f"{stats['answers_cut']:,} answer{'s' if stats['answers_cut'] != 1 else ''} cut at "
+                     "MAX_NEW_TOKENS")
     if stats.get("rows_shortened"):
         parts.append(f"{stats['rows_shortened']:,} row{'s' if stats['rows_shortened'] != 1 else ''} shortened")
     return " | ".join(parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mr_calls import Call
+from mr_calls import Call, answer_was_cut
 from runner import RunResult
 
 # Statistics of one call that add up over calls.
@@ -102,6 +102,7 @@ class MapReduceRun:
             "attempts": sum(c.attempts for c in calls if not c.reused),
             "prompt_tokens": sum(c.prompt_tokens for c in calls), "prompt_token_counter": self.counter,
             "concurrency": self.concurrency,
+            "answers_cut": sum(1 for c in answered if answer_was_cut(c.stats, self.max_new_tokens)),
         }
         for key in SUMMED:
             values = [c.stats[key] for c in answered if isinstance(c.stats.get(key), (int, float))]

@@ -24,6 +24,7 @@ from fake_map_reduce_server import (
     MapReduceOllamaServer,
     MapReduceOpenAIServer,
     MapReducePCServer,
+    is_map,
     summarise,
 )
 from fake_pc_server import FakePCServer
@@ -412,3 +413,18 @@ def test_sigterm_stops_the_run_and_says_how_to_continue(test_db_url, tmp_path, m
     assert "Terminated." in stderr and "Stopped with" in stderr and "Run the same command again" in stderr
     assert len(answers_in(output.with_name("answer.txt.mapreduce.jsonl"))) >= 3
     assert not output.exists()
+
+
+def test_map_answers_cut_at_the_token_limit_are_said_once_and_counted(run):
+    def rambling(prompt: str) -> str:  # map answers longer than --max-new-tokens allows
+        return summarise(prompt) + (" and" + " more" * 80 if is_map(prompt) else "")
+
+    with MapReduceOpenAIServer(slots=4, reply=rambling) as srv:
+        result = run("--query", QUERY, "--all-rows", *SMALL, "--max-new-tokens", "40", "--json",
+                     env={"API_BASE_URL": srv.base_url})
+    assert result.returncode == 0, result.stderr
+    doc = result.json()
+    cut = doc["stats"]["answers_cut"]
+    assert cut == doc["stats"]["map_calls"] >= 2  # every map answer ran into the limit; the reduce did not
+    assert result.stderr.count("was cut at MAX_NEW_TOKENS=40") == 1
+    assert all(call["stats"]["finish_reason"] == "length" for call in doc["plan"]["map"])
