@@ -216,7 +216,7 @@ def _announce(console: Any, total: int, skipped: int, planned: int, resume: Resu
     if resume.copied_to_table:
         console.progress(f"Copied {resume.copied_to_table:,} rows done earlier from the file into the results table.")
     if planned:
-        console.progress(f"Sending {planned:,} rows ({concurrency} at a time; key: {key.describe()}) ...")
+        console.progress(f"Sending {_rows(planned)} ({concurrency} at a time; key: {key.describe()}) ...")
     else:
         console.progress(f"Nothing to send: all {total:,} rows are done.")
 
@@ -313,7 +313,8 @@ def _time_estimate(p: PerRowPlan, rows: int, resume: Resume) -> str:
         if close is not None:
             close()
     rounds = math.ceil(rows / capacity) if rows else 0
-    text = f"At the servers' capacity ({capacity} at once): {rows:,} rows take {rounds:,} x the time of one answer"
+    text = (f"At the servers' capacity ({capacity} at once): {_rows(rows)} take {rounds:,} x the time of one "
+            "answer")
     if resume.seconds_count:
         mean = resume.seconds_total / resume.seconds_count
         return text + f"; this job's earlier answers took {mean:.1f} s each: about {format_duration(rounds * mean)}."
@@ -330,3 +331,8 @@ def _servers_ready(backend: Any) -> tuple[bool, str]:
     ready = [r for r in reports if getattr(r, "ok", bool(r))]
     detail = "; ".join(str(getattr(r, "detail", r)) for r in reports)
     return bool(ready), detail
+
+
+def _rows(count: int) -> str:
+    """``1 row``, ``2,000 rows``."""
+    return f"{count:,} row{'' if count == 1 else 's'}"
