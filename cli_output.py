@@ -7,17 +7,21 @@ rename, so an interruption never leaves half a file.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets as random_names
 import stat
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 import config
-from errors import PipelineError, Terminated, UsageError
+from errors import ExitCode, PipelineError, Terminated, UsageError
 from runner import RunResult
+
+logger = logging.getLogger(__name__)
 
 
 class MaskedStream:
@@ -242,6 +246,32 @@ def json_document(run: RunResult | None, answer: str | None, error: dict[str, An
         "query": run.query if run is not None else None,
         "error": error,
     }
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    """The process exit code for an exception: each error class carries its own."""
+    if isinstance(error, (PipelineError, Terminated)):
+        return ExitCode(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return ExitCode.INTERNAL
+
+
+def report_error(error: BaseException, err: TextIO, *, verbose: bool, kept: str = "") -> None:
+    """Say on stderr (and in the log file) what stopped a run: a signal, or the error and its fix.
+
+    ``kept``: a sentence on what was kept, said after an interruption.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        what = "Terminated" if isinstance(error, Terminated) else "Interrupted"
+        err.write(f"\n{what}." + (f" {kept}" if kept else "") + "\n")
+        logger.warning("%s by a signal", what, extra={"file_only": True})
+        return
+    assert isinstance(error, PipelineError)
+    logger.error("%s: %s", error.code, error, exc_info=verbose, extra={"file_only": True})
+    if verbose:
+        traceback.print_exception(type(error), error, error.__traceback__, file=err)
+    err.write(f"Error [{error.code}]: {error}\n")
 
 
 def error_info(error: BaseException, secrets: Sequence[str]) -> dict[str, Any]:

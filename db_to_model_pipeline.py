@@ -45,12 +45,8 @@ from cli_logging import (
     command_logging,
     setup_logging,
 )
-from cli_output import (
-    MaskedStream,
-    error_info,
-    format_stats,
-    json_document,
-    truncation_hint,
+from cli_output import (  # noqa: F401 - exit_code_for is re-exported
+    MaskedStream, error_info, exit_code_for, format_stats, json_document, report_error, truncation_hint,
     write_atomically,
 )
 from config import Settings
@@ -77,15 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("db_to_model_pipeline")
-
-
-def exit_code_for(error: BaseException) -> ExitCode:
-    """The process exit code for an exception: each error class carries its own."""
-    if isinstance(error, (PipelineError, Terminated)):
-        return ExitCode(error.exit_code)
-    if isinstance(error, KeyboardInterrupt):
-        return ExitCode.INTERRUPTED
-    return ExitCode.INTERNAL
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -291,16 +278,8 @@ def _report_failure(error: BaseException, args: argparse.Namespace, run: RunResu
     partial = run.received_text if run is not None else ""
     if partial or args.json:
         _keep_partial(partial, args, run, console, error_info(error, console.err.secrets))
-    if isinstance(error, KeyboardInterrupt):
-        what = "Terminated" if isinstance(error, Terminated) else "Interrupted"
-        console.err.write(f"\n{what}." + (" The partial answer above was kept.\n" if partial else "\n"))
-        logger.warning("%s by a signal", what, extra={"file_only": True})
-    else:
-        assert isinstance(error, PipelineError)
-        logger.error("%s: %s", error.code, error, exc_info=args.verbose, extra={"file_only": True})
-        if args.verbose:
-            traceback.print_exception(type(error), error, error.__traceback__, file=console.err)
-        console.err.write(f"Error [{error.code}]: {error}\n")
+    report_error(error, console.err, verbose=args.verbose,
+                 kept="The partial answer above was kept." if partial else "")
     return exit_code_for(error)
 
 

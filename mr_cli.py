@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import traceback
 from typing import Any
 
 import mr_prompts
 from cli_args import Command, read_text_file
-from cli_output import error_info, format_stats, json_document, write_atomically
+from cli_output import error_info, exit_code_for, format_stats, json_document, report_error, write_atomically
 from config import Settings
-from errors import ConfigError, ExitCode, PipelineError, Terminated, UsageError
+from errors import ConfigError, ExitCode, PipelineError, UsageError
 from map_reduce import DEFAULT_MAX_LEVELS, AllRowsOptions, Reporter, run_all_rows
 from mr_plan_text import estimate_seconds, plan_text, stats_line
 from mr_result import MapReduceRun
@@ -195,21 +194,10 @@ def _report_failure(error: BaseException, args: argparse.Namespace, command: Com
         console.emit_json(doc, None)
         if args.output and run is not None:
             _save_partial(args.output, doc, console)
-    if isinstance(error, KeyboardInterrupt):
-        what = "Terminated" if isinstance(error, Terminated) else "Interrupted"
-        console.err.write(f"\n{what}.\n")
-        logger.warning("%s by a signal", what, extra={"file_only": True})
-    else:
-        assert isinstance(error, PipelineError)
-        logger.error("%s: %s", error.code, error, exc_info=args.verbose, extra={"file_only": True})
-        if args.verbose:
-            traceback.print_exception(type(error), error, error.__traceback__, file=console.err)
-        console.err.write(f"Error [{error.code}]: {error}\n")
+    report_error(error, console.err, verbose=args.verbose)
     if run is not None and run.map_calls and not command.dry_run:
         console.err.write(_kept_message(run) + "\n")
-    if isinstance(error, (PipelineError, Terminated)):
-        return ExitCode(error.exit_code)
-    return ExitCode.INTERRUPTED
+    return exit_code_for(error)
 
 
 def _save_partial(output: str, doc: dict[str, Any], console: Any) -> None:
