@@ -10,11 +10,14 @@ database tests fail (they never skip).
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import secrets
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
@@ -134,6 +137,33 @@ def reset_process_state() -> None:
     resources.close_resources()
     model_api_client.clear_detection_cache()
     cli_logging.remove_log_handlers()
+
+
+@dataclass
+class CliResult:
+    """What one run of the command returned and printed (like subprocess.CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, args: Sequence[str], settings: Mapping[str, str],
+            stdin: str = "") -> CliResult:
+    """The command run in-process (``main(argv, stdin, stdout, stderr)``) with ``settings`` in the
+    environment; afterwards the process state is reset, so the next run starts like a new process."""
+    import db_to_model_pipeline
+
+    out, err = io.StringIO(), io.StringIO()
+    with monkeypatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        code = db_to_model_pipeline.main(list(args), stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    reset_process_state()
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import psycopg2
 import pytest
-
-import db_to_model_pipeline as pipeline
-from conftest import REPO_ROOT, reset_process_state
+from conftest import REPO_ROOT, CliResult, run_cli
 
 SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
 ROWS = 3000
@@ -20,15 +16,6 @@ QUERY = "SELECT * FROM mr_reviews ORDER BY id"
 # A small budget over 3,000 rows: about 30 map prompts.
 SMALL = ("--prompt-budget", "1500", "--max-new-tokens", "30")
 
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> dict:
-        return json.loads(self.stdout)
 
 
 def create_mr_table(url: str) -> str:
@@ -52,14 +39,7 @@ def cli_runner(test_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def runner(*args: str, env: dict | None = None) -> CliResult:
         values = {"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), "API_CONNECT_TIMEOUT": "1",
                   "XDG_CACHE_HOME": str(tmp_path / "cache")}
-        values.update(env or {})
-        out, err = io.StringIO(), io.StringIO()
-        with monkeypatch.context() as patch:
-            for name, value in values.items():
-                patch.setenv(name, value)
-            code = pipeline.main(list(args), stdin=io.StringIO(""), stdout=out, stderr=err)
-        reset_process_state()
-        return CliResult(code, out.getvalue(), err.getvalue())
+        return run_cli(monkeypatch, args, {**values, **(env or {})})
 
     return runner
 

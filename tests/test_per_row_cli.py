@@ -7,7 +7,6 @@ runs that must be separate processes (SIGKILL, Ctrl-C) are in test_per_row_proce
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import re
@@ -15,30 +14,22 @@ import secrets
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
-
-import db_to_model_pipeline as pipeline
-from conftest import REPO_ROOT, reset_process_state
+from conftest import REPO_ROOT, CliResult, run_cli
 from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port, prompt_text
+
 from results_table import setup_sql
 
 BULK_ROWS = 3000
 SCHEMA_FILE = str(REPO_ROOT / "examples" / "sentiment_schema.json")
 
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +53,7 @@ def run(test_db_url, tmp_path, monkeypatch):
     def runner(*args: str, env: dict | None = None) -> CliResult:
         values = {"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), "API_CONNECT_TIMEOUT": "1",
                   "API_MAX_ATTEMPTS": "1"}
-        values.update(env or {})
-        out, err = io.StringIO(), io.StringIO()
-        with monkeypatch.context() as patch:
-            for name, value in values.items():
-                patch.setenv(name, value)
-            code = pipeline.main(list(args), stdin=io.StringIO(""), stdout=out, stderr=err)
-        reset_process_state()
-        return CliResult(code, out.getvalue(), err.getvalue())
+        return run_cli(monkeypatch, args, {**values, **(env or {})})
 
     return runner
 

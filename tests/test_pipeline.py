@@ -10,38 +10,28 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-import config
-import db_to_model_pipeline as pipeline
-from conftest import REPO_ROOT, SETTING_NAMES, reset_process_state
+from conftest import REPO_ROOT, SETTING_NAMES, CliResult, run_cli
 from fake_ollama_server import FakeOllamaServer
 from fake_openai_server import FakeOpenAIServer
 from fake_pc_server import FakePCServer
 from fake_server_base import free_port
 
+import db_to_model_pipeline as pipeline
+
 SCRIPT = str(REPO_ROOT / "db_to_model_pipeline.py")
 ANSWER = "분석 결과: 서울 고객이 가장 많습니다. Seoul has the most customers."
 
-
-@dataclass
-class CliResult:
-    """What one run of the command returned and printed (like subprocess.CompletedProcess)."""
-
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture
@@ -50,14 +40,7 @@ def run(test_db_url, tmp_path, monkeypatch):
 
     def runner(*args: str, env: dict | None = None, stdin: str | None = None) -> CliResult:
         values = {"DATABASE_URL": test_db_url, "LOG_FILE": str(tmp_path / "client.log"), "API_CONNECT_TIMEOUT": "1"}
-        values.update(env or {})
-        out, err = io.StringIO(), io.StringIO()
-        with monkeypatch.context() as patch:
-            for name, value in values.items():
-                patch.setenv(name, value)
-            code = pipeline.main(list(args), stdin=io.StringIO(stdin or ""), stdout=out, stderr=err)
-        reset_process_state()  # the next run starts like a new process: no pool, no detected protocol
-        return CliResult(code, out.getvalue(), err.getvalue())
+        return run_cli(monkeypatch, args, {**values, **(env or {})}, stdin or "")
 
     return runner
 
@@ -639,7 +622,6 @@ def test_literal_percent_next_to_parameters_gets_the_hint(run):
 def test_main_in_process_restores_signal_handler_and_logging(test_db_url, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", test_db_url)
     monkeypatch.setenv("LOG_FILE", "")
-    import logging
 
     before_handler = signal.getsignal(signal.SIGTERM)
     before_handlers = list(logging.getLogger().handlers)
